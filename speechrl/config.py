@@ -1,0 +1,224 @@
+"""Frozen configuration dataclasses, YAML presets and ``key=value`` overrides.
+
+A run is described by one :class:`RunConfig` tree. Presets live in ``configs/*.yaml`` (and are
+shipped inside the package as ``speechrl/configs``); the command line overrides any leaf with a
+dotted path, e.g. ``speechrl sft --config tiny train.lr=1e-4 model.llm.preset=small``.
+Changes to a frozen config go through :func:`dataclasses.replace` or :func:`apply_overrides`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PACKAGE_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    # "conformer": the built-in encoder on 80-bin log-mel features (trainable with CTC).
+    # "whisper" | "hubert" | "wavlm" | "wav2vec2": a Hugging Face encoder loaded from `path`.
+    kind: str = "conformer"
+    path: str | None = None  # HF folder, or a speechrl encoder checkpoint for "conformer"
+    n_mels: int = 80
+    d_model: int = 144
+    n_layers: int = 4
+    n_heads: int = 4
+    ff_mult: int = 4
+    conv_kernel: int = 15
+    dropout: float = 0.1
+    # Hidden layers combined by a learned softmax-weighted sum (the paper combines several
+    # layers); None uses the last layer only.
+    layers: tuple[int, ...] | None = None
+    freeze: bool = True
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    stack: int = 2  # k consecutive encoder frames are concatenated before the projection
+    kind: str = "linear"  # "linear" (the paper's) or "mlp" (two layers, GELU)
+    hidden: int | None = None  # MLP hidden size; defaults to the LLM hidden size
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 0  # 0 disables LoRA: the whole LLM is trained
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    path: str | None = None  # any HF causal LM folder (Llama, Qwen2, ...); else built from preset
+    preset: str = "tiny"  # tiny | small | paper-2b | paper-8b
+    dtype: str = "float32"  # weights' dtype when loading; training uses autocast on GPU
+    attn_implementation: str = "sdpa"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    tokenizer: str | None = None  # HF tokenizer folder; defaults to the LLM's own
+    instruction: str = "Convert speech to text"
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: tuple[str, ...] = ()  # manifests (JSONL) or Lhotse CutSets (.jsonl.gz)
+    dev: tuple[str, ...] = ()
+    sample_rate: int = 16000
+    # "fbank": 80-bin log-mel for the built-in encoder; "whisper": Whisper log-mel;
+    # "waveform": raw samples for HuBERT / WavLM / wav2vec2. Derived from the encoder if None.
+    features: str | None = None
+    max_duration: float = 60.0  # seconds of audio per batch (sum over utterances)
+    max_utterance_duration: float = 30.0  # longer rows are skipped and counted
+    duration_tolerance: float = 0.5  # seconds a manifest duration may differ from the audio
+    num_buckets: int = 8
+    max_dev_utterances: int | None = None
+    strict: bool = False  # raise on the first bad row instead of skipping it
+    num_workers: int = 0
+    augment: bool = False  # speed / noise / reverb augmentation of training audio
+
+
+# --------------------------------------------------------------------------- generic machinery
+
+
+def _resolve_type(tp: Any) -> Any:
+    """Strip Optional[...] / X | None down to the concrete type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _resolve_type(args[0])
+    return tp
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    tp = _resolve_type(tp)
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value)
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        return tuple(_coerce(inner, v) for v in value)
+    if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, (int, str)) and not isinstance(value, bool):
+        return int(value)
+    if tp is bool and isinstance(value, str):
+        if value.lower() in ("true", "1", "yes"):
+            return True
+        if value.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"not a boolean: {value!r}")
+    if tp is str and not isinstance(value, str):
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any] | None) -> Any:
+    """Build the dataclass ``cls`` from a nested dict, rejecting unknown keys by name."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown option(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) suitable for YAML / JSON."""
+
+    def convert(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: convert(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [convert(x) for x in v]
+        return v
+
+    return convert(cfg)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-4", "data.train=a.jsonl,b.jsonl"]`` -> nested dict (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def apply_overrides(cfg: Any, overrides: list[str] | dict[str, Any]) -> Any:
+    """A copy of the dataclass tree ``cfg`` with dotted ``key=value`` overrides applied."""
+    update = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+    return from_dict(type(cfg), merge(to_dict(cfg), update))
+
+
+def find_config(name_or_path: str) -> Path:
+    """A preset name (``tiny``) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    for folder in (Path.cwd() / "configs", PACKAGE_CONFIG_DIR):
+        candidate = folder / f"{name_or_path}.yaml"
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(
+        f"no config {name_or_path!r}: give a YAML path or one of the presets in {PACKAGE_CONFIG_DIR}"
+    )
+
+
+def load_yaml(name_or_path: str) -> dict[str, Any]:
+    """Load a preset, following an optional ``base: other-preset`` key."""
+    path = find_config(name_or_path)
+    data = yaml.safe_load(path.read_text()) or {}
+    base = data.pop("base", None)
+    if base:
+        data = merge(load_yaml(base), data)
+    return data
