@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-PACKAGE_CONFIG_DIR = Path(__file__).parent / "configs"
+PACKAGE_CONFIG_DIR = Path(__file__).parent / "configs"  # a link to the repository's configs/
 
 
 # --------------------------------------------------------------------------- model
@@ -94,6 +94,98 @@ class DataConfig:
     strict: bool = False  # raise on the first bad row instead of skipping it
     num_workers: int = 0
     augment: bool = False  # speed / noise / reverb augmentation of training audio
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop settings every stage shares (pretrain-lm, pretrain-encoder, sft, grpo)."""
+
+    output_dir: str = "runs/sft"
+    init: str | None = None  # speechrl checkpoint to start from (GRPO: the SFT model)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    lr: float = 1e-4
+    schedule: str = "cosine"  # constant | cosine (both with linear warm-up)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak
+    max_steps: int = 1000
+    weight_decay: float = 0.01
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    batch_size: int | None = None  # utterances per step; None: batches by data.max_duration
+    log_every: int = 10
+    eval_every: int = 200  # dev loss and greedy dev WER; the best checkpoint is kept by dev WER
+    save_every: int = 200  # resumable checkpoint
+    dev_utterances: int | None = 200  # cap on dev utterances decoded at each evaluation
+    max_nonfinite_steps: int = 5  # stop (with a checkpoint) after this many skipped steps in a row
+    resume: bool = True  # continue from output_dir/last when it exists
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO and its variants (paper eq. 3-9). Fields left as None take the algorithm's preset
+    (see ``speechrl.losses.PRESETS``); anything set explicitly wins."""
+
+    algorithm: str = "grpo"  # grpo | dapo | dr_grpo
+    group_size: int = 6  # G candidates per audio (the paper tried 6 and 10)
+    num_iterations: int = 1  # policy updates per rollout batch (old log-probs kept for the ratio)
+    reward: str = "wer"  # wer | em | ed | "0.7*wer+0.3*em" | package.module:function
+    normalizer: str = "whisper"  # the same normaliser as evaluation
+    strategy: str = "sample"  # sample | beam (n-best as the group)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    num_beams: int | None = None  # beam width for strategy=beam; defaults to group_size
+    max_new_tokens: int = 128
+    tokens_per_second: float = 8.0  # cap on new tokens by audio duration: runaway loops end
+    scale: str | None = None  # advantage scaling: group | batch | none
+    agg: str | None = None  # seq_mean_token_mean | token_mean | seq_mean_token_sum_norm
+    beta: float | None = None  # k3 KL weight towards the reference (SFT) model
+    eps_low: float | None = None
+    eps_high: float | None = None
+    dynamic_sampling: bool | None = None  # DAPO: drop all-equal groups and draw more audios
+    max_refill_rounds: int = 4  # bound on extra draws per step for dynamic sampling
+    mask_truncated: bool = False  # leave candidates cut by the token cap out of the loss
+
+
+@dataclass(frozen=True)
+class CTCConfig:
+    """The built-in encoder's CTC pre-training: a linear head over characters."""
+
+    min_char_count: int = 1  # characters seen fewer times than this map to <unk>
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """Text-only LM pre-training (paper eq. 1) and the BPE tokenizer trained for it."""
+
+    text: tuple[str, ...] = ()  # extra plain-text files; the train manifests' text is always used
+    vocab_size: int = 2000
+    max_length: int = 128  # tokens per training sequence
+    sentences_per_sequence: int = 4  # sentences packed into one sequence
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    ctc: CTCConfig = field(default_factory=CTCConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+
+
+def load_run_config(name_or_path: str | None, overrides: list[str] | None = None) -> RunConfig:
+    """Preset or YAML file, then ``key=value`` overrides, as one frozen :class:`RunConfig`."""
+    data = load_yaml(name_or_path) if name_or_path else {}
+    data = merge(data, parse_overrides(overrides or []))
+    return from_dict(RunConfig, data)
 
 
 # --------------------------------------------------------------------------- generic machinery
