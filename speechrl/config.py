@@ -181,9 +181,24 @@ class RunConfig:
     lm: LMConfig = field(default_factory=LMConfig)
 
 
-def load_run_config(name_or_path: str | None, overrides: list[str] | None = None) -> RunConfig:
-    """Preset or YAML file, then ``key=value`` overrides, as one frozen :class:`RunConfig`."""
+STAGES = ("pretrain-lm", "pretrain-encoder", "sft", "grpo")
+
+
+def load_run_config(name_or_path: str | None, overrides: list[str] | None = None,
+                    stage: str | None = None) -> RunConfig:
+    """Preset or YAML file, then the preset's section for ``stage``, then ``key=value``
+    overrides, as one frozen :class:`RunConfig`.
+
+    A preset describes every stage of one scale: shared ``model`` / ``data`` / ``train``
+    sections, and under ``stages:`` what each stage changes (its learning rate, steps, ...).
+    """
     data = load_yaml(name_or_path) if name_or_path else {}
+    stages = data.pop("stages", {}) or {}
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage section(s) {unknown}; known: {list(STAGES)}")
+    if stage is not None:
+        data = merge(data, stages.get(stage) or {})
     data = merge(data, parse_overrides(overrides or []))
     return from_dict(RunConfig, data)
 
