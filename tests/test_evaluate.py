@@ -1,0 +1,255 @@
+"""The report holds what the hypotheses say: hand-counted WER parts, relative changes, the
+JSONL files, paper-shaped sections and the plots."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from speechrl.evaluate import (
+    Hypothesis,
+    Section,
+    curve_keys_of,
+    plot_training_curves,
+    read_metrics,
+    relative_change,
+    score_set,
+    write_report,
+)
+from speechrl.metrics import ErrorCounts, error_counts
+from speechrl.text import get_normalizer
+
+# Two checkpoints on two sets, counted by hand (plain lower-case words, which every normaliser
+# leaves as they are).
+#
+# set "indomain"                                  sft            grpo
+#   u1 en "the cat sat on the mat" (6 words)      "a" for "the": S=1    exact
+#   u2 en "hello world" (2)                       +"world again": I=2   exact
+#   u3 fr "bonjour le monde" (3)                  "le" dropped: D=1     "la" for "le": S=1
+# sft:  N=11, S=1 D=1 I=2 -> WER 4/11 = 36.36%, Ins 2/11 = 18.18%, Del 9.09%, Sub 9.09%
+#       en: N=8, S=1 I=2 -> 37.50%, Ins 25.00%, Sub 12.50%;  fr: N=3, D=1 -> 33.33%
+# grpo: N=11, S=1 -> 9.09%; en 0%; fr 33.33%
+# relative change grpo vs sft: overall (1/11 - 4/11) / (4/11) = -75%; en -100%; fr 0%
+#
+# set "far" (English only)
+#   f1 "red green blue black" (4)   sft: the 4 words three times: I=8   grpo: "red blue black": D=1
+#   f2 "open the door" (3)          sft: "" (empty): D=3                grpo: exact
+# sft:  N=7, I=8 D=3 -> WER 11/7 = 157.14%, Ins 8/7 = 114.29%, Del 3/7 = 42.86%
+# grpo: N=7, D=1 -> 1/7 = 14.29%;  relative (1/7 - 11/7) / (11/7) = -10/11 = -90.91%
+# sft hallucination figures: insertion rate 8/7; f1 has 12 > 2*4 words (share 1/2), a 4-gram
+# repeated 3 times in a row (share 1/2); f2 is empty (share 1/2); length ratio (12/4 + 0/3)/2 = 1.5
+INDOMAIN = [("u1", "en", "the cat sat on the mat"), ("u2", "en", "hello world"),
+            ("u3", "fr", "bonjour le monde")]
+FAR = [("f1", "en", "red green blue black"), ("f2", "en", "open the door")]
+HYPS = {
+    "sft": {"u1": "the cat sat on a mat", "u2": "hello world world again", "u3": "bonjour monde",
+            "f1": " ".join(["red green blue black"] * 3), "f2": ""},
+    "grpo": {"u1": "the cat sat on the mat", "u2": "hello world", "u3": "bonjour la monde",
+             "f1": "red blue black", "f2": "open the door"},
+}
+
+
+def hand_results() -> dict[str, dict[str, list[Hypothesis]]]:
+    def records(ckpt: str, rows: list[tuple[str, str, str]], domain: str) -> list[Hypothesis]:
+        return [Hypothesis(i, ref, HYPS[ckpt][i], lang, domain) for i, lang, ref in rows]
+
+    return {ckpt: {"indomain": records(ckpt, INDOMAIN, "clean"), "far": records(ckpt, FAR, "far")}
+            for ckpt in ("sft", "grpo")}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("report")
+    metrics = out / "grpo_metrics.jsonl"
+    rows = [{"step": s, "reward_mean": -0.5 + s / 100, "loss": 1.0 / (1 + s)} for s in range(10)]
+    rows[4]["dev_wer"], rows[9]["dev_wer"] = 30.0, 20.0
+    metrics.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    sections = [
+        Section("Table II", ("indomain",), relative=True),
+        {"title": "Table III", "sets": ["far"], "kind": "breakdown"},
+        {"title": "French only, grpo first", "sets": ["indomain"], "kind": "breakdown",
+         "languages": ["fr"], "checkpoints": ["grpo", "sft"]},
+        Section("Table IV", ("indomain",), checkpoints=("grpo", "sft"), relative=True),
+    ]
+    paths = write_report(out / "report", hand_results(), normalizer="whisper", title="Hand",
+                         training_metrics={"grpo": metrics}, sections=sections)
+    return paths, json.loads(paths.json.read_text()), paths.markdown.read_text()
+
+
+def test_hand_counted_percentages(report) -> None:
+    _, summary, _ = report
+    sft, grpo = summary["results"]["sft"], summary["results"]["grpo"]
+    overall = sft["indomain"]["overall"]
+    assert (overall["ref_words"], overall["substitutions"], overall["deletions"],
+            overall["insertions"]) == (11, 1, 1, 2)
+    assert overall["wer_pct"] == pytest.approx(400 / 11)
+    assert overall["ins_pct"] == pytest.approx(200 / 11)
+    assert overall["del_pct"] == pytest.approx(100 / 11)
+    assert overall["sub_pct"] == pytest.approx(100 / 11)
+    assert overall["rel_wer_change_pct"] is None  # the first checkpoint is the reference
+    en = sft["indomain"]["languages"]["en"]
+    assert (en["utterances"], en["ref_words"], en["wer_pct"], en["ins_pct"], en["sub_pct"]) == (
+        2, 8, 37.5, 25.0, 12.5)
+    assert grpo["indomain"]["overall"]["wer_pct"] == pytest.approx(100 / 11)
+    assert grpo["indomain"]["overall"]["rel_wer_change_pct"] == pytest.approx(-75.0)
+    assert grpo["indomain"]["languages"]["en"]["rel_wer_change_pct"] == pytest.approx(-100.0)
+    assert grpo["indomain"]["languages"]["fr"]["rel_wer_change_pct"] == pytest.approx(0.0)
+    far = sft["far"]["overall"]
+    assert (far["wer_pct"], far["ins_pct"], far["del_pct"], far["sub_pct"]) == pytest.approx(
+        (1100 / 7, 800 / 7, 300 / 7, 0.0))
+    assert grpo["far"]["overall"]["rel_wer_change_pct"] == pytest.approx(-1000 / 11)
+    assert sft["far"]["hallucination"] == pytest.approx({
+        "insertion_rate": 8 / 7, "over_twice_share": 0.5, "loop_share": 0.5,
+        "empty_share": 0.5, "length_ratio": 1.5, "utterances": 2.0})
+    assert summary["normalizer"] == "whisper"
+    assert summary["reference_checkpoint"] == "sft"
+
+
+def test_markdown_rows(report) -> None:
+    _, _, md = report
+    assert "Text normaliser: `whisper`" in md
+    for row in [
+        "| sft | en | 2 | 8 | 37.50 | 25.00 | 0.00 | 12.50 | – |",
+        "| grpo | en | 2 | 8 | 0.00 | 0.00 | 0.00 | 0.00 | −100.0% |",
+        "| sft | fr | 1 | 3 | 33.33 | 0.00 | 33.33 | 0.00 | – |",
+        "| grpo | fr | 1 | 3 | 33.33 | 0.00 | 0.00 | 33.33 | +0.0% |",
+        "| sft | **overall** | 3 | 11 | 36.36 | 18.18 | 9.09 | 9.09 | – |",
+        "| grpo | **overall** | 3 | 11 | 9.09 | 0.00 | 0.00 | 9.09 | −75.0% |",
+        # "far" has one language, which is its overall: no repeated overall rows
+        "| sft | en | 2 | 7 | 157.14 | 114.29 | 42.86 | 0.00 | – |",
+        "| grpo | en | 2 | 7 | 14.29 | 0.00 | 14.29 | 0.00 | −90.9% |",
+        # hallucination figures of "far": 8/7 insertions, half long, looping and empty, ratio 1.5
+        "| sft | 114.29 | 50.00 | 50.00 | 50.00 | 1.50 |",
+    ]:
+        assert row in md, row
+    assert md.count("| sft | **overall** |") == 1
+
+
+def test_sections(report) -> None:
+    _, summary, md = report
+    for row in [
+        "| Model | indomain en | indomain fr | indomain overall |",
+        "| sft | 37.50 | 33.33 | 36.36 |",
+        "| grpo | 0.00 (−100.0%) | 33.33 (+0.0%) | 9.09 (−75.0%) |",
+        # table III shape: Ins / Del / Sub then WER, one decimal for the parts as in the paper
+        "| Model | far Ins / Del / Sub | far WER |",
+        "| sft | 114.3 / 42.9 / 0.0 | 157.14 |",
+        "| grpo | 0.0 / 14.3 / 0.0 | 14.29 |",
+        # pooled over French only: sft D=1 of 3, grpo S=1 of 3
+        "| grpo | 0.0 / 0.0 / 33.3 | 33.33 |",
+        "| sft | 0.0 / 33.3 / 0.0 | 33.33 |",
+        # rows in the asked order, the first row the reference: sft overall is
+        # (36.36 - 9.09) / 9.09 = +300%; en against 0% is undefined, so no change is shown
+        "| sft | 37.50 | 33.33 (+0.0%) | 36.36 (+300.0%) |",
+    ]:
+        assert row in md, row
+    table_iv = summary["sections"][3]
+    assert [r["checkpoint"] for r in table_iv["rows"]] == ["grpo", "sft"]
+    assert table_iv["rows"][1]["cells"][2]["rel_wer_change_pct"] == pytest.approx(300.0)
+
+
+def test_jsonl_counts_equal_report(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+
+    def noisy(ref: str) -> str:
+        out = [w for w in ref.split() if rng.random() > 0.2]
+        out = [rng.choice(words) if rng.random() < 0.2 else w for w in out]
+        return " ".join(out + rng.choice([[], [], ["eta", "eta", "eta"]]))
+
+    refs = {f"{lang}{i}": (lang, " ".join(rng.choices(words, k=rng.randint(1, 9))))
+            for lang in ("en", "de", "es") for i in range(15)}
+    results = {ckpt: {"dev": [Hypothesis(i, ref, noisy(ref), lang) for i, (lang, ref) in
+                              refs.items()]} for ckpt in ("a", "b", "c")}
+    paths = write_report(tmp_path, results, normalizer="basic")
+    summary = json.loads(paths.json.read_text())
+    assert len(paths.hypotheses) == 3
+    for ckpt in results:
+        entry = summary["results"][ckpt]["dev"]
+        lines = [json.loads(x) for x in (tmp_path / entry["hypotheses"]).read_text().splitlines()]
+        assert [(x["id"], x["ref"], x["hyp"]) for x in lines] == [
+            (r.id, r.ref, r.hyp) for r in results[ckpt]["dev"]]
+        recomputed, _ = error_counts([x["ref_norm"] for x in lines], [x["hyp_norm"] for x in lines])
+        assert [c.to_dict() for c in recomputed] == [x["counts"] for x in lines]
+        for lang in ("en", "de", "es", None):
+            mine = [x["counts"] for x in lines if lang is None or x["language"] == lang]
+            stored = entry["overall"] if lang is None else entry["languages"][lang]
+            for key in ("hits", "substitutions", "deletions", "insertions", "ref_words"):
+                assert stored[key] == sum(c[key] for c in mine)
+            assert stored["wer_pct"] == pytest.approx(
+                100 * sum(c["errors"] for c in mine) / sum(c["ref_words"] for c in mine))
+        base = summary["results"]["a"]["dev"]["overall"]["wer_pct"]
+        expected = None if ckpt == "a" else 100 * (entry["overall"]["wer_pct"] - base) / base
+        assert entry["overall"]["rel_wer_change_pct"] == pytest.approx(expected)
+
+
+def test_normaliser_chosen_per_language() -> None:
+    # Whisper's English normaliser maps British spelling and drops case and punctuation;
+    # the basic one (every other language under "whisper") keeps "colour" as it is.
+    records = [Hypothesis("e", "the color", "The colour!", "en"),
+               Hypothesis("f", "the color", "The colour!", "fr")]
+    scores = score_set(records, "whisper")
+    assert [u.hyp_norm for u in scores.utterances] == ["the color", "the colour"]
+    assert scores.by_language["en"] == ErrorCounts(2, 0, 0, 0, 2)
+    assert scores.by_language["fr"] == ErrorCounts(1, 1, 0, 0, 2)
+    assert scores.total == ErrorCounts(3, 1, 0, 0, 4)
+    assert scores.utterances[1].ref_norm == get_normalizer("whisper", "fr")("the color")
+
+
+def test_relative_change() -> None:
+    assert relative_change(21.53, 23.5) == pytest.approx(-8.383, abs=1e-3)  # paper, table II
+    assert relative_change(5.0, 0.0) is None
+    assert relative_change(None, 3.0) is None
+
+
+def test_pngs(report) -> None:
+    paths, summary, md = report
+    names = [p.name for p in paths.plots]
+    assert names == ["wer_breakdown.png", "wer_by_language.png", "curves_grpo.png"]
+    assert [p["file"] for p in summary["plots"]] == names
+    for path in paths.plots:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        height, width, _ = matplotlib.image.imread(path).shape
+        assert height > 300 and width > 400
+        assert f"]({path.name})" in md
+
+
+def test_training_curves(tmp_path: Path) -> None:
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 0, "loss": 2.0, "lr": 1e-6, "tag": "x"}\n\n'
+                    '{"step": 1, "loss": 1.5, "reward_mean": -0.4, "dev_wer": 30.0}\n')
+    rows = read_metrics(path)
+    # the usual keys first, then the others in order of appearance; step and strings left out
+    assert curve_keys_of(rows) == ["reward_mean", "dev_wer", "loss", "lr"]
+    png = plot_training_curves(rows, tmp_path / "c.png", run="r", keys=["loss"])
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="no numeric values for \\['kl'\\]"):
+        plot_training_curves(rows, tmp_path / "d.png", run="r", keys=["kl"])
+    path.write_text('{"step": 0}\nnot json\n')
+    with pytest.raises(ValueError, match="m.jsonl:2: not valid JSON"):
+        read_metrics(path)
+
+
+def test_bad_input(tmp_path: Path) -> None:
+    results = hand_results()
+    with pytest.raises(ValueError, match="unknown set 'nope'"):
+        write_report(tmp_path, results, normalizer="whisper", sections=[Section("x", ("nope",))])
+    with pytest.raises(ValueError, match="kind must be 'wer' or 'breakdown'"):
+        Section("x", ("far",), kind="table")
+    with pytest.raises(ValueError, match="unknown normaliser"):
+        write_report(tmp_path, results, normalizer="fancy")
+    uneven = {"sft": results["sft"], "grpo": {"far": results["grpo"]["far"][:1]}}
+    with pytest.raises(ValueError, match="'grpo' decoded other utterances than 'sft'"):
+        write_report(tmp_path, uneven, normalizer="whisper")
+    twice = {"sft": {"far": results["sft"]["far"] * 2}}
+    with pytest.raises(ValueError, match="id 'f1' appears twice"):
+        write_report(tmp_path, twice, normalizer="whisper")
+    clash = {"a b": results["sft"], "a_b": results["grpo"]}
+    with pytest.raises(ValueError, match="map to the file name"):
+        write_report(tmp_path, clash, normalizer="whisper")
+    with pytest.raises(ValueError, match="no checkpoints"):
+        write_report(tmp_path, {}, normalizer="whisper")
