@@ -1,0 +1,454 @@
+"""KV-cache decoding from prompt embeddings: greedy, sampling and beam n-best.
+
+GRPO (paper eq. 3-4) needs G candidates per audio and the log-probs the policy gave each of their
+tokens. The speech prompt is by far the longest part of every sequence, so each prompt is
+prefilled ONCE and its key/value cache is then repeated G times (``num_beams`` times for beam
+search); only the short transcripts are decoded per candidate.
+
+:func:`decode` works on any Hugging Face causal LM (Llama, Qwen2, ...) given left-padded prompt
+embeddings; :func:`generate` wraps it for the speech model. Logit filters are small pure functions.
+
+Shapes: B prompts, G candidates per prompt, K beams per prompt, L prompt length, T generated
+tokens, D hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+STRATEGIES = ("greedy", "sample", "beam")
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    strategy: str = "greedy"  # "greedy" | "sample" | "beam"
+    num_return_sequences: int = 1  # G candidates per prompt (a GRPO group)
+    # Sampling filters, applied in this order: temperature, top_k, top_p, min_p ("sample" only).
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    # Beam search: width K, ranking score = sum of log-probs / length ** length_penalty.
+    num_beams: int = 4
+    length_penalty: float = 1.0
+    # Stopping. Hallucinated loops must end, so new tokens are also capped by audio duration
+    # (tokens_per_second > 0, see generate) but never below min_token_cap.
+    max_new_tokens: int = 128
+    tokens_per_second: float = 0.0  # 0 = off
+    min_token_cap: int = 8
+    # Steps between "all rows done?" checks; each check is a host sync. None: every step on CPU,
+    # every 8 steps on an accelerator (a few wasted steps beat a sync per token there).
+    stop_check_every: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.strategy == "beam" and self.num_beams < self.num_return_sequences:
+            raise ValueError(f"num_beams ({self.num_beams}) must be >= num_return_sequences "
+                             f"({self.num_return_sequences}) for beam search")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.tokens_per_second < 0:
+            raise ValueError(f"tokens_per_second must be >= 0 (0 = off), got "
+                             f"{self.tokens_per_second}")
+        if self.min_token_cap < 1:
+            raise ValueError(f"min_token_cap must be >= 1, got {self.min_token_cap}")
+        if self.stop_check_every is not None and self.stop_check_every < 1:
+            raise ValueError(f"stop_check_every must be >= 1 or None, got {self.stop_check_every}")
+
+
+@dataclass
+class DecodeResult:
+    """G candidates per prompt, prompt-major: rows b*G .. b*G+G-1 belong to prompt b."""
+
+    tokens: list[list[int]]  # (B*G) generated ids; a finished candidate ends with eos_id
+    logprobs: Tensor  # (B*G, T) raw model log-probs of each generated token, 0 on padding
+    mask: Tensor  # (B*G, T) bool, True on generated tokens (the final eos included)
+    finished: Tensor  # (B*G,) bool, ended with eos (False: cut by the token cap)
+    scores: Tensor  # (B*G,) sum of logprobs; beam: the ranking score, best first per prompt
+    texts: list[str] | None = None  # set by generate(): decoded tokens without eos
+
+
+# --------------------------------------------------------------------------- logit filters
+
+
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    """Divide (..., V) logits by ``temperature`` (> 0); < 1 sharpens, > 1 flattens."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return logits / temperature
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Keep the k largest (..., V) logits of each row, -inf elsewhere; ties with the k-th stay.
+    k = 0 (or k >= V) keeps everything."""
+    if k < 0:
+        raise ValueError(f"top_k must be >= 0, got {k}")
+    if k == 0 or k >= logits.size(-1):
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filter on (..., V) logits: keep the smallest set of most probable tokens whose
+    probability mass reaches p, -inf elsewhere. The most probable token always stays."""
+    if not 0 < p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    if p == 1:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    # A token is dropped when the tokens ranked above it already hold mass p.
+    drop_sorted = probs.cumsum(dim=-1) - probs >= p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, -math.inf)
+
+
+def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
+    """Keep tokens whose probability is at least ``min_p`` times the top token's, -inf elsewhere.
+    (..., V) logits; min_p = 0 keeps everything."""
+    if not 0 <= min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    if min_p == 0:
+        return logits
+    logp = logits.log_softmax(dim=-1)
+    threshold = logp.max(dim=-1, keepdim=True).values + math.log(min_p)
+    return logits.masked_fill(logp < threshold, -math.inf)
+
+
+def filter_logits(logits: Tensor, options: DecodingOptions) -> Tensor:
+    """The sampling distribution's (..., V) logits: temperature, then top_k, top_p, min_p."""
+    logits = apply_temperature(logits, options.temperature)
+    logits = top_k_filter(logits, options.top_k)
+    logits = top_p_filter(logits, options.top_p)
+    return min_p_filter(logits, options.min_p)
+
+
+def sample_next_token(logits: Tensor, options: DecodingOptions,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """Pick one token per row from (R, V) logits: argmax for "greedy", else a draw from the
+    filtered distribution. Returns (R,) ids."""
+    if options.strategy == "greedy":
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits.float(), options).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def max_tokens_for_duration(durations: Tensor, tokens_per_second: float, floor: int,
+                            cap: int) -> Tensor:
+    """Per-utterance caps on new tokens, ceil(duration * tokens_per_second) clamped to
+    [floor, cap], so a runaway (hallucinated) loop ends near the length speech can carry.
+    (B,) seconds -> (B,) long. tokens_per_second = 0 turns the duration cap off (all = cap)."""
+    if durations.dim() != 1:
+        raise ValueError(f"durations must be (B,), got shape {tuple(durations.shape)}")
+    if bool((durations < 0).any()):
+        raise ValueError("durations must be >= 0 seconds")
+    if tokens_per_second < 0:
+        raise ValueError(f"tokens_per_second must be >= 0 (0 = off), got {tokens_per_second}")
+    if not 1 <= floor <= cap:
+        raise ValueError(f"need 1 <= floor <= cap, got floor={floor}, cap={cap}")
+    if tokens_per_second == 0:
+        return torch.full(durations.shape, cap, dtype=torch.long, device=durations.device)
+    caps = torch.ceil(durations.double() * tokens_per_second).long()
+    return caps.clamp(min=floor, max=cap)
+
+
+# --------------------------------------------------------------------------- cached LM
+
+
+class _CachedLM:
+    """A causal LM with the KV cache, attention mask and next positions of its current rows.
+
+    Positions follow Hugging Face's generate: with left padding, position = cumsum(mask) - 1,
+    so every prompt starts at position 0 whatever its padding.
+    """
+
+    def __init__(self, llm: torch.nn.Module) -> None:
+        self.llm = llm
+        base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # PEFT wrapper
+        params = inspect.signature(base.forward).parameters
+        # transformers 5.x renames past_key_values to cache (the old name is deprecated).
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.cache = DynamicCache(config=llm.config)
+        self.mask = torch.empty(0)
+        self.next_position = torch.empty(0)
+
+    def prefill(self, embeds: Tensor, mask: Tensor) -> Tensor:
+        """Run (B, L, D) left-padded prompts with (B, L) mask; returns (B, V) next-token logits."""
+        positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                       use_cache=True, **{self.cache_arg: self.cache}, **self.keep_last)
+        self.mask = mask
+        self.next_position = mask.long().sum(dim=-1)
+        return out.logits[:, -1]
+
+    def repeat(self, n: int) -> None:
+        """Each row becomes n contiguous rows (B -> B*n) sharing the prompt's prefill."""
+        self.cache.batch_repeat_interleave(n)
+        self.mask = self.mask.repeat_interleave(n, dim=0)
+        self.next_position = self.next_position.repeat_interleave(n, dim=0)
+
+    def reorder(self, rows: Tensor) -> None:
+        """Row i continues from former row rows[i] (beam search)."""
+        self.cache.reorder_cache(rows)
+        self.mask = self.mask[rows]
+        self.next_position = self.next_position[rows]
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """Append one (R,) token per row; returns (R, V) next-token logits."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=-1)
+        out = self.llm(input_ids=tokens[:, None], attention_mask=self.mask,
+                       position_ids=self.next_position[:, None], use_cache=True,
+                       **{self.cache_arg: self.cache})
+        self.next_position = self.next_position + 1
+        return out.logits[:, -1]
+
+
+def _check_every(options: DecodingOptions, device: torch.device) -> int:
+    if options.stop_check_every is not None:
+        return options.stop_check_every
+    return 1 if device.type == "cpu" else 8
+
+
+# --------------------------------------------------------------------------- greedy / sampling
+
+
+def _decode_rows(lm: _CachedLM, logits: Tensor, caps: Tensor, options: DecodingOptions,
+                 eos_id: int, pad_id: int, generator: torch.Generator | None) -> DecodeResult:
+    """Greedy or sampled decoding of R = B*G independent rows from their (R, V) first logits,
+    each capped at caps (R,) new tokens. Done rows emit pad_id and are masked out."""
+    rows, steps = logits.size(0), int(caps.max())
+    device = logits.device
+    tokens = torch.full((rows, steps), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(rows, steps, dtype=torch.float32, device=device)
+    mask = torch.zeros(rows, steps, dtype=torch.bool, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    check_every = _check_every(options, device)
+    for t in range(steps):
+        token = sample_next_token(logits, options, generator)
+        # The policy's own log-prob of the token: raw logits, no temperature or filter.
+        logp = logits.float().log_softmax(dim=-1).gather(-1, token[:, None]).squeeze(-1)
+        token = token.masked_fill(done, pad_id)
+        tokens[:, t] = token
+        logprobs[:, t] = logp.masked_fill(done, 0.0)
+        mask[:, t] = ~done
+        finished |= (token == eos_id) & ~done
+        done |= finished | (t + 1 >= caps)
+        if t + 1 == steps or ((t + 1) % check_every == 0 and bool(done.all())):
+            break
+        logits = lm.step(token)
+    return _result(tokens, logprobs, mask, finished, logprobs.sum(dim=-1))
+
+
+def _result(tokens: Tensor, logprobs: Tensor, mask: Tensor, finished: Tensor,
+            scores: Tensor) -> DecodeResult:
+    """Trim (R, T) buffers to the longest candidate and list each candidate's ids."""
+    lengths = mask.sum(dim=-1).tolist()
+    width = max(lengths)
+    ids = tokens[:, :width].tolist()
+    return DecodeResult(
+        tokens=[row[:n] for row, n in zip(ids, lengths, strict=True)],
+        logprobs=logprobs[:, :width],
+        mask=mask[:, :width],
+        finished=finished,
+        scores=scores,
+    )
+
+
+# --------------------------------------------------------------------------- beam search
+
+
+@dataclass
+class _NBest:
+    """The n best hypotheses of each of B prompts so far, best first; buffers hold S steps."""
+
+    tokens: Tensor  # (B, n, S)
+    logprobs: Tensor  # (B, n, S)
+    length: Tensor  # (B, n) long
+    finished: Tensor  # (B, n) bool
+    score: Tensor  # (B, n) ranking score, -inf for an empty slot
+
+    @classmethod
+    def empty(cls, prompts: int, n: int, steps: int, pad_id: int,
+              device: torch.device) -> _NBest:
+        return cls(
+            tokens=torch.full((prompts, n, steps), pad_id, dtype=torch.long, device=device),
+            logprobs=torch.zeros(prompts, n, steps, device=device),
+            length=torch.zeros(prompts, n, dtype=torch.long, device=device),
+            finished=torch.zeros(prompts, n, dtype=torch.bool, device=device),
+            score=torch.full((prompts, n), -math.inf, device=device),
+        )
+
+    def add(self, score: Tensor, tokens: Tensor, logprobs: Tensor, length: int,
+            finished: bool) -> None:
+        """Offer C candidates per prompt: (B, C) scores (-inf = not a hypothesis) with their
+        (B, C, S) tokens and log-probs, all of ``length`` tokens; keep the n best."""
+        n = self.score.size(1)
+        merged = torch.cat([self.score, score], dim=1)
+        self.score, pick = merged.topk(n, dim=1)
+        new_length = torch.full_like(score, length, dtype=torch.long)
+        new_finished = torch.full_like(score, finished, dtype=torch.bool)
+        self.length = torch.cat([self.length, new_length], dim=1).gather(1, pick)
+        self.finished = torch.cat([self.finished, new_finished], dim=1).gather(1, pick)
+        seq_pick = pick[..., None].expand(-1, -1, self.tokens.size(-1))
+        self.tokens = torch.cat([self.tokens, tokens], dim=1).gather(1, seq_pick)
+        self.logprobs = torch.cat([self.logprobs, logprobs], dim=1).gather(1, seq_pick)
+
+
+def _decode_beam(lm: _CachedLM, logits: Tensor, caps: Tensor, options: DecodingOptions,
+                 eos_id: int, pad_id: int) -> DecodeResult:
+    """Beam search over B prompts with K beams each, from (B*K, V) first logits (the prompt's
+    logits repeated K times) and (B,) caps. Returns each prompt's n best, best first.
+
+    Scores are sums of raw log-probs; a hypothesis ending in eos is ranked by
+    sum / length ** length_penalty. A prompt stops when its n-best list is full and its best
+    live beam, normalised at its current length, cannot beat the worst kept hypothesis (the
+    usual heuristic, exact for length_penalty <= 0). At the cap, live beams join the n-best
+    unfinished.
+    """
+    K, n = options.num_beams, options.num_return_sequences
+    B, V = logits.size(0) // K, logits.size(-1)
+    steps, device = int(caps.max()), logits.device
+    seqs = torch.full((B * K, steps), pad_id, dtype=torch.long, device=device)
+    seq_logp = torch.zeros(B * K, steps, device=device)
+    # The K beams start as copies of one prompt: only the first may expand at step 0.
+    beam_sum = torch.full((B, K), -math.inf, device=device)
+    beam_sum[:, 0] = 0.0
+    best = _NBest.empty(B, n, steps, pad_id, device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    first_row = torch.arange(B, device=device)[:, None] * K
+    rank = torch.arange(2 * K, device=device)
+    check_every = _check_every(options, device)
+    for t in range(steps):
+        logp = logits.float().log_softmax(dim=-1)  # (B*K, V)
+        # 2K candidates hold at least K that do not end (each beam has a single eos).
+        cand_sum, idx = (beam_sum.view(-1, 1) + logp).view(B, K * V).topk(2 * K, dim=1)
+        src, tok = first_row + idx // V, idx % V  # (B, 2K) source row, token
+        cand_seqs = seqs[src]  # (B, 2K, S)
+        cand_seqs[..., t] = tok
+        cand_logp = seq_logp[src]
+        cand_logp[..., t] = logp[src, tok]
+        norm = (t + 1) ** options.length_penalty
+        ends = (tok == eos_id) & (rank < K) & ~done[:, None]
+        best.add(torch.where(ends, cand_sum / norm, -math.inf), cand_seqs, cand_logp, t + 1,
+                 finished=True)
+
+        beam_sum, pick = cand_sum.masked_fill(tok == eos_id, -math.inf).topk(K, dim=1)
+        rows = src.gather(1, pick).view(-1)
+        tok = tok.gather(1, pick).view(-1)
+        seqs = cand_seqs.gather(1, pick[..., None].expand(-1, -1, steps)).view(B * K, steps)
+        seq_logp = cand_logp.gather(1, pick[..., None].expand(-1, -1, steps)).view(B * K, steps)
+
+        at_cap = (t + 1 >= caps) & ~done
+        best.add(torch.where(at_cap[:, None], beam_sum / norm, -math.inf),
+                 seqs.view(B, K, steps), seq_logp.view(B, K, steps), t + 1, finished=False)
+        done |= at_cap | (best.score[:, -1] >= beam_sum[:, 0] / norm)
+        if t + 1 == steps or ((t + 1) % check_every == 0 and bool(done.all())):
+            break
+        lm.reorder(rows)
+        logits = lm.step(tok)
+    mask = torch.arange(steps, device=device) < best.length.view(-1, 1)
+    logprobs = best.logprobs.view(B * n, steps).masked_fill(~mask, 0.0)
+    return _result(best.tokens.view(B * n, steps), logprobs, mask, best.finished.view(-1),
+                   best.score.view(-1))
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _check_inputs(inputs_embeds: Tensor, attention_mask: Tensor,
+                  max_new_tokens: Tensor | None) -> None:
+    if inputs_embeds.dim() != 3:
+        raise ValueError(f"inputs_embeds must be (B, L, D), got shape {tuple(inputs_embeds.shape)}")
+    if attention_mask.shape != inputs_embeds.shape[:2]:
+        raise ValueError(f"attention_mask must be (B, L) = {tuple(inputs_embeds.shape[:2])}, "
+                         f"got {tuple(attention_mask.shape)}")
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("prompts must be LEFT-padded: attention_mask[:, -1] must be all ones")
+    if max_new_tokens is not None:
+        if max_new_tokens.shape != inputs_embeds.shape[:1]:
+            raise ValueError(f"max_new_tokens must be (B,) = ({inputs_embeds.size(0)},), got "
+                             f"{tuple(max_new_tokens.shape)}")
+        if bool((max_new_tokens < 1).any()):
+            raise ValueError("every per-prompt max_new_tokens must be >= 1")
+
+
+@torch.no_grad()
+def decode(llm: torch.nn.Module, inputs_embeds: Tensor, attention_mask: Tensor, *, eos_id: int,
+           pad_id: int, options: DecodingOptions, max_new_tokens: Tensor | None = None,
+           generator: torch.Generator | None = None) -> DecodeResult:
+    """Decode G = options.num_return_sequences candidates per prompt with a KV cache.
+
+    inputs_embeds (B, L, D) left-padded prompt embeddings, attention_mask (B, L);
+    max_new_tokens (B,) optional per-prompt caps, combined with options.max_new_tokens.
+    Each prompt is prefilled once; its cache is then repeated G (or num_beams) times.
+    The model's train/eval mode is left as it is: call ``llm.eval()`` to decode without dropout.
+    """
+    _check_inputs(inputs_embeds, attention_mask, max_new_tokens)
+    B, device = inputs_embeds.size(0), inputs_embeds.device
+    caps = torch.full((B,), options.max_new_tokens, dtype=torch.long, device=device)
+    if max_new_tokens is not None:
+        caps = torch.minimum(caps, max_new_tokens.to(device=device, dtype=torch.long))
+
+    lm = _CachedLM(llm)
+    logits = lm.prefill(inputs_embeds, attention_mask)
+    V = logits.size(-1)
+    for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+        if not 0 <= value < V:
+            raise ValueError(f"{name}={value} is outside the vocabulary [0, {V})")
+
+    if options.strategy == "beam":
+        lm.repeat(options.num_beams)
+        logits = logits.repeat_interleave(options.num_beams, dim=0)
+        return _decode_beam(lm, logits, caps, options, eos_id, pad_id)
+    G = options.num_return_sequences
+    lm.repeat(G)
+    logits = logits.repeat_interleave(G, dim=0)
+    caps = caps.repeat_interleave(G)
+    return _decode_rows(lm, logits, caps, options, eos_id, pad_id, generator)
+
+
+def generate(model, inputs: Tensor, lengths: Tensor, options: DecodingOptions, *,
+             durations: Tensor | None = None, max_new_tokens: Tensor | None = None,
+             generator: torch.Generator | None = None) -> DecodeResult:
+    """Transcribe a batch with the speech model: encode, build the inference prompt, decode.
+
+    ``model`` provides encode_speech(inputs, lengths), inference_prompt(speech, speech_lengths)
+    -> (embeds (B, L, D), mask (B, L)), ``llm`` and ``tokenizer`` (eos_id, pad_id, decode).
+    durations (B,) seconds cap new tokens when options.tokens_per_second > 0; max_new_tokens
+    (B,) are explicit caps; both combine with options.max_new_tokens (the smallest wins).
+    Sets ``texts`` on the result: each candidate decoded without its eos.
+    """
+    speech, speech_lengths = model.encode_speech(inputs, lengths)
+    embeds, mask = model.inference_prompt(speech, speech_lengths)
+    caps = max_new_tokens
+    if durations is not None and options.tokens_per_second > 0:
+        by_duration = max_tokens_for_duration(
+            durations, options.tokens_per_second,
+            floor=min(options.min_token_cap, options.max_new_tokens), cap=options.max_new_tokens)
+        caps = by_duration if caps is None else torch.minimum(by_duration, caps.to(by_duration))
+    tokenizer = model.tokenizer
+    result = decode(model.llm, embeds, mask, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                    options=options, max_new_tokens=caps, generator=generator)
+    result.texts = [tokenizer.decode(ids[:-1] if done else ids)
+                    for ids, done in zip(result.tokens, result.finished.tolist(), strict=True)]
+    return result
