@@ -1,0 +1,256 @@
+"""Checkpoints: one self-contained folder, written atomically, read without unpickling.
+
+    speechrl.json          model config, prompt tokens, versions
+    model.safetensors      every weight: encoder, projector, LLM (LoRA adapters included)
+    llm/config.json        the LLM's Hugging Face config
+    encoder/config.json    the encoder's config (HF, or the built-in conformer's)
+    tokenizer/             Hugging Face tokenizer files
+    trainer_state.json     for resuming (optional)
+    optimizer.pt           for resuming (optional; tensors and plain containers only)
+
+Loading never needs the original model folders. A save goes to a temporary folder beside the
+target, is fsync'ed, then renamed into place, so a crash mid-save leaves the previous checkpoint
+whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+import transformers
+
+import speechrl
+from speechrl.config import ModelConfig, from_dict, to_dict
+from speechrl.model import SpeechLLM
+from speechrl.prompt import build_prompt, render_prompt
+from speechrl.tokenizer import SpeechTokenizer
+
+FORMAT_VERSION = 1
+MANIFEST = "speechrl.json"
+WEIGHTS = "model.safetensors"
+LLM_DIR = "llm"
+ENCODER_DIR = "encoder"
+TOKENIZER_DIR = "tokenizer"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER = "optimizer.pt"
+REQUIRED = (
+    MANIFEST,
+    WEIGHTS,
+    f"{LLM_DIR}/config.json",
+    f"{ENCODER_DIR}/config.json",
+    f"{TOKENIZER_DIR}/tokenizer.json",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is missing, incomplete or corrupt."""
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save_checkpoint(
+    model: SpeechLLM,
+    path: str | Path,
+    *,
+    trainer_state: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (and optionally the training state) to the folder ``path``, atomically."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"cannot save a checkpoint to {path}: it is a file")
+    if trainer_state is not None:
+        try:
+            trainer_state_text = json.dumps(trainer_state, indent=2)
+        except TypeError as err:
+            raise TypeError(f"trainer_state must be JSON-serialisable: {err}") from err
+    with atomic_directory(path) as tmp:
+        write_model(model, tmp)
+        if trainer_state is not None:
+            (tmp / TRAINER_STATE).write_text(trainer_state_text + "\n")
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIMIZER)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``path``; when the block ends without error, fsync
+    it and rename it to ``path`` (replacing any previous folder), else delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_model(model: SpeechLLM, folder: Path) -> None:
+    """The model's files (everything but the training state) into an existing ``folder``."""
+    manifest = {
+        "format": FORMAT_VERSION,
+        "model": to_dict(model.config),
+        "prompt": {
+            "tokens": model.tokenizer.prompt_tokens(),
+            "instruction": model.config.instruction,
+            "inference_layout": render_prompt(
+                model.tokenizer,
+                build_prompt(model.tokenizer, 3, instruction=model.config.instruction).ids,
+            ),
+        },
+        "versions": {
+            "speechrl": speechrl.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    _base_llm(model).config.save_pretrained(str(folder / LLM_DIR))
+    model.encoder.save_config(folder / ENCODER_DIR)
+    model.tokenizer.save_pretrained(folder / TOKENIZER_DIR)
+    # save_model drops the duplicate names of tied tensors (embeddings shared with lm_head).
+    safetensors.torch.save_model(model, str(folder / WEIGHTS), force_contiguous=True)
+
+
+def _base_llm(model: SpeechLLM) -> torch.nn.Module:
+    llm = model.llm
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(root))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` to ``path``; an existing ``path`` is kept aside until the rename is done."""
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+    os.rename(tmp, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> SpeechLLM:
+    """The :class:`SpeechLLM` saved in ``path``, on ``device``, cast to ``dtype`` if given."""
+    path = _check_folder(path)
+    manifest = _read_json(path / MANIFEST)
+    try:
+        cfg = from_dict(ModelConfig, manifest["model"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path / MANIFEST} holds no valid model config: {err}") from err
+    # The architecture comes from the copies inside the checkpoint, never the original paths.
+    inside = dataclasses.replace(
+        cfg,
+        encoder=dataclasses.replace(cfg.encoder, path=str(path / ENCODER_DIR)),
+        llm=dataclasses.replace(cfg.llm, path=str(path / LLM_DIR)),
+        tokenizer=str(path / TOKENIZER_DIR),
+    )
+    try:
+        tokenizer = SpeechTokenizer.from_pretrained(path / TOKENIZER_DIR)
+        model = SpeechLLM.from_config(inside, tokenizer, load_weights=False)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"cannot rebuild the model saved in {path}: {err}") from err
+    load_weights(model, path)
+    model.config = cfg  # as the user wrote it: re-saving keeps the model's provenance
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def load_weights(model: SpeechLLM, path: str | Path) -> None:
+    """Copy the weights of the checkpoint ``path`` into ``model`` (same architecture), in place."""
+    weights = Path(path) / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {WEIGHTS}")
+    try:
+        missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False)
+    except (safetensors.SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{weights} is unreadable or does not fit the model: {err}") from err
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights} does not match the saved config: {len(missing)} missing tensors "
+            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}"
+        )
+
+
+def load_training_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(trainer_state, optimizer_state) saved with the checkpoint; the latter None if absent."""
+    path = Path(path)
+    if not (path / TRAINER_STATE).is_file():
+        raise CheckpointError(
+            f"checkpoint {path} cannot be resumed: {TRAINER_STATE} is missing (it was saved "
+            f"without trainer_state)"
+        )
+    trainer_state = _read_json(path / TRAINER_STATE)
+    optimizer_file = path / OPTIMIZER
+    if not optimizer_file.is_file():
+        return trainer_state, None
+    try:
+        # weights_only: tensors and plain containers only; no arbitrary object is unpickled.
+        optimizer_state = torch.load(optimizer_file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several unrelated types for a bad file
+        raise CheckpointError(f"cannot read {optimizer_file}: {err}") from err
+    if not isinstance(optimizer_state, dict):
+        raise CheckpointError(
+            f"{optimizer_file} holds a {type(optimizer_state).__name__}, "
+            f"not an optimizer state dict"
+        )
+    return trainer_state, optimizer_state
+
+
+def _check_folder(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint folder at {path}")
+    missing = [name for name in REQUIRED if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    return path
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read {file}: {err}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} does not hold a JSON object")
+    return data
