@@ -101,6 +101,8 @@ class SpeechEncoder(nn.Module):
         """inputs (B, N, F) or (B, S), lengths (B,) -> frames (B, N', D), frame_lengths (B,)."""
         if inputs.shape[0] != lengths.shape[0]:
             raise ValueError(f"encoder got {inputs.shape[0]} inputs but {lengths.shape[0]} lengths")
+        # Features arrive as float32 whatever dtype the encoder was loaded in.
+        inputs = inputs.to(next(self.parameters()).dtype)
         # A frozen backbone keeps no graph: saves the activations' memory during training.
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             hidden, frame_lengths = self.hidden_states(
@@ -417,13 +419,7 @@ def read_hf_config(path: str | Path | None, kind: str) -> PretrainedConfig:
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"no Hugging Face model at {path}: config.json is missing")
     config = AutoConfig.from_pretrained(str(path))
-    expected = {
-        "whisper": ("whisper",),
-        "hubert": ("hubert",),
-        "wavlm": ("wavlm",),
-        "wav2vec2": ("wav2vec2",),
-    }[kind]
-    if config.model_type not in expected:
+    if config.model_type != kind:
         raise ValueError(
             f"encoder.kind={kind!r} but {path} holds a {config.model_type!r} model; set "
             f"encoder.kind to match"

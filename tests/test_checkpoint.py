@@ -254,9 +254,14 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_whole(
     assert to_dict(load_model(tmp_path / "ckpt").config) == to_dict(tiny_model.config)
 
 
-def test_load_casts_to_the_requested_dtype(tiny_model, tmp_path):
+def test_load_casts_to_the_requested_dtype(tiny_model, tmp_path, batch):
     save_checkpoint(tiny_model, tmp_path / "ckpt")
-    loaded = load_model(tmp_path / "ckpt", dtype=torch.bfloat16)
-    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    loaded = load_model(tmp_path / "ckpt", dtype=torch.bfloat16).eval()
+    loaded_params = dict(loaded.named_parameters())
+    assert {p.dtype for p in loaded_params.values()} == {torch.bfloat16}
     for name, param in tiny_model.named_parameters():
-        assert torch.equal(dict(loaded.named_parameters())[name], param.to(torch.bfloat16))
+        assert torch.equal(loaded_params[name], param.to(torch.bfloat16))
+    # float32 features go through the bfloat16 model; logits (std ~0.1) move by bf16 rounding.
+    logits = logits_of(loaded, *batch)
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), logits_of(tiny_model, *batch), atol=0.01, rtol=0)
