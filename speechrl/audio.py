@@ -29,7 +29,12 @@ FEATURE_KINDS = ("fbank", "whisper", "waveform")
 
 
 class AudioError(ValueError):
-    """An audio file that cannot be used: unreadable, truncated, empty or not finite."""
+    """An audio file that cannot be used. ``reason`` is a short category for skip counts:
+    "missing audio file", "unreadable audio", "truncated audio", "zero-length audio"."""
+
+    def __init__(self, message: str, reason: str = "unreadable audio") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 # --------------------------------------------------------------------------- loading
@@ -50,7 +55,7 @@ def load_audio(
     """
     path = str(path)
     if not os.path.isfile(path):
-        raise AudioError(f"{path}: no such audio file")
+        raise AudioError(f"{path}: no such audio file", "missing audio file")
     if path.lower().endswith(".wav"):
         _check_wav_complete(path)
     try:
@@ -59,16 +64,16 @@ def load_audio(
             start = round(offset * native_rate)
             if start > total:
                 raise AudioError(f"{path}: offset {offset:.3f} s is past the end "
-                                 f"({total / native_rate:.3f} s)")
+                                 f"({total / native_rate:.3f} s)", "truncated audio")
             frames = total - start if duration is None else round(duration * native_rate)
             f.seek(start)
             data = f.read(frames, dtype="float32", always_2d=True)
     except AudioError:
         raise
     except (RuntimeError, OSError, ValueError) as e:  # LibsndfileError is a RuntimeError
-        raise AudioError(f"{path}: unreadable or corrupt audio ({e})") from e
+        raise AudioError(f"{path}: unreadable, truncated or corrupt audio ({e})") from e
     if data.shape[0] == 0:
-        raise AudioError(f"{path}: zero-length audio")
+        raise AudioError(f"{path}: zero-length audio", "zero-length audio")
     wave = _select_channels(data, channel, path)
     if not np.isfinite(wave).all():
         raise AudioError(f"{path}: audio has NaN or infinite samples")
@@ -108,7 +113,8 @@ def _check_wav_complete(path: str) -> None:
                 # Writers streaming to a pipe put a placeholder size near 2**31 or 2**32.
                 if declared < 0x7FFF0000 and declared > available:
                     raise AudioError(f"{path}: truncated WAV: the header declares {declared} "
-                                     f"bytes of samples, the file holds {available}")
+                                     f"bytes of samples, the file holds {available}",
+                                     "truncated audio")
                 return
             f.seek(declared + (declared & 1), os.SEEK_CUR)
 
