@@ -431,41 +431,53 @@ class SentenceGenerator:
     # -- clauses
 
     def _clause(self, rng: np.random.Generator) -> list[str]:
-        kind = rng.choice(["transitive", "intransitive", "copula", "exist", "duration", "count"],
-                          p=[0.35, 0.15, 0.15, 0.15, 0.1, 0.1])
-        g = self.lex.grammar
-        if kind == "copula":
-            noun = self._pick(rng, self.lex.agents if rng.random() < 0.5 else self.lex.things)
-            plural = bool(rng.random() < 0.3)
-            adj = self._pick(rng, self.lex.adjectives + self.lex.adjectives_before)
-            return (self._noun_phrase(rng, noun, plural, "nom", adjective=False)
-                    + [g["copula_pl" if plural else "copula_sg"]]
-                    + [adjective_form(self.language, adj, noun.gender, plural, None)])
-        if kind == "exist":
-            noun = self._pick(rng, self.lex.things)
-            return (g["exist"].split() + self._count(rng, noun.gender) + [noun.plural]
-                    + self._place(rng))
-        if kind == "count":
-            agent = self._pick(rng, self.lex.agents)
-            verb = self._pick(rng, self.lex.transitive)[1]
-            return (self._count(rng, agent.gender) + [agent.plural, verb] + self._object(rng)
-                    + (self._place(rng) if rng.random() < 0.4 else []))
+        makers = (self._action, self._copula, self._existential, self._duration, self._counted)
+        return makers[int(rng.choice(len(makers), p=[0.5, 0.15, 0.15, 0.1, 0.1]))](rng)
+
+    def _action(self, rng: np.random.Generator) -> list[str]:
+        """the cook (big) eats (the apple) (in the garden) (every day)"""
         subject, plural = self._subject(rng)
-        if kind == "duration":
-            verb = self._pick(rng, self.lex.intransitive)[1 if plural else 0]
-            unit = self._pick(rng, self.lex.units)
-            phrase = g["duration"].format(n=" ".join(self._count(rng, unit.gender)),
-                                          unit=unit.plural)
-            return subject + [verb] + phrase.split()
-        verbs = self.lex.transitive if kind == "transitive" else self.lex.intransitive
+        transitive = rng.random() < 0.7
+        verbs = self.lex.transitive if transitive else self.lex.intransitive
         words = subject + [self._pick(rng, verbs)[1 if plural else 0]]
-        if kind == "transitive":
+        if transitive:
             words += self._object(rng)
-        if rng.random() < (0.4 if kind == "transitive" else 0.5):
+        if rng.random() < (0.4 if transitive else 0.5):
             words += self._place(rng)
         if rng.random() < 0.35:
             words += self._pick(rng, self.lex.adverbs).split()
         return words
+
+    def _copula(self, rng: np.random.Generator) -> list[str]:
+        """the apples are red (the adjective agrees with the subject)"""
+        noun = self._pick(rng, self.lex.agents if rng.random() < 0.5 else self.lex.things)
+        plural = bool(rng.random() < 0.3)
+        adj = self._pick(rng, self.lex.adjectives + self.lex.adjectives_before)
+        return (self._noun_phrase(rng, noun, plural, "nom", adjective=False)
+                + [self.lex.grammar["copula_pl" if plural else "copula_sg"]]
+                + [adjective_form(self.language, adj, noun.gender, plural, None)])
+
+    def _existential(self, rng: np.random.Generator) -> list[str]:
+        """there are twelve books in the kitchen"""
+        noun = self._pick(rng, self.lex.things)
+        return (self.lex.grammar["exist"].split() + self._count(rng, noun.gender)
+                + [noun.plural] + self._place(rng))
+
+    def _duration(self, rng: np.random.Generator) -> list[str]:
+        """the dog sleeps for ten minutes"""
+        subject, plural = self._subject(rng)
+        verb = self._pick(rng, self.lex.intransitive)[1 if plural else 0]
+        unit = self._pick(rng, self.lex.units)
+        phrase = self.lex.grammar["duration"].format(
+            n=" ".join(self._count(rng, unit.gender)), unit=unit.plural)
+        return subject + [verb] + phrase.split()
+
+    def _counted(self, rng: np.random.Generator) -> list[str]:
+        """three hundred and four teachers read the book (near the bridge)"""
+        agent = self._pick(rng, self.lex.agents)
+        verb = self._pick(rng, self.lex.transitive)[1]
+        return (self._count(rng, agent.gender) + [agent.plural, verb] + self._object(rng)
+                + (self._place(rng) if rng.random() < 0.4 else []))
 
     def _subject(self, rng: np.random.Generator) -> tuple[list[str], bool]:
         plural = bool(rng.random() < 0.3)

@@ -294,6 +294,12 @@ def test_batch_size_mode():
         DurationBatchSampler(DURS, max_duration=5.0, rank=2, world_size=2)
 
 
+def test_too_few_batches_for_the_ranks_is_a_clear_error():
+    s = DurationBatchSampler([1.0, 1.0], max_duration=10.0, num_buckets=1, world_size=2)
+    with pytest.raises(ValueError, match="1 batch\\(es\\) of data for 2 ranks"):
+        len(s)
+
+
 def test_sampler_resumes_with_exactly_the_next_batch():
     full = DurationBatchSampler(DURS, max_duration=3.0, seed=5)
     full.set_epoch(2)
