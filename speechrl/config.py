@@ -274,7 +274,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["train.lr=1e-4", "data.train=a.jsonl,b.jsonl"]`` -> nested dict (values parsed as YAML)."""
+    """``["train.lr=1e-4", "data.train=[a.jsonl,b.jsonl]"]`` -> nested dict; each value is
+    parsed as YAML."""
     nested: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
@@ -317,7 +318,7 @@ def find_config(name_or_path: str) -> Path:
         if candidate.exists():
             return candidate
     raise FileNotFoundError(
-        f"no config {name_or_path!r}: give a YAML path or one of the presets in {PACKAGE_CONFIG_DIR}"
+        f"no config {name_or_path!r}: give a YAML path or a preset in {PACKAGE_CONFIG_DIR}"
     )
 
 

@@ -707,3 +707,141 @@ def plot_training_curves(rows: Sequence[Mapping[str, Any]], path: str | Path, *,
     path = Path(path)
     fig.savefig(path, dpi=110)
     return path
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode_manifest(model, manifest: str | Path, *, options, device, data_cfg=None,
+                    desc: str = "") -> list[Hypothesis]:
+    """Decode every readable utterance of a manifest (sorted by length, batched by duration).
+
+    Rows that cannot be read are skipped and counted by the loader, never fatal.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from speechrl.config import DataConfig
+    from speechrl.data import make_dataloader
+    from speechrl.generate import generate
+
+    data_cfg = data_cfg or DataConfig()
+    loader = make_dataloader([str(manifest)], data_cfg, features=model.encoder.input_kind,
+                             training=False)
+    records: list[Hypothesis] = []
+    model.eval()
+    with torch.no_grad(), tqdm(total=len(loader), desc=desc or str(manifest),
+                               dynamic_ncols=True, mininterval=2.0) as bar:
+        for batch in loader:
+            batch = batch.to(device)
+            result = generate(model, batch.inputs, batch.input_lengths, options,
+                              durations=batch.durations)
+            G = options.num_return_sequences
+            for i, utt_id in enumerate(batch.ids):
+                records.append(Hypothesis(id=utt_id, ref=batch.texts[i], hyp=result.texts[i * G],
+                                          language=batch.languages[i],
+                                          domain=batch.domains[i] if batch.domains else None))
+            bar.update(1)
+    return records
+
+
+def decoding_options(beam: int = 0, max_new_tokens: int = 128, tokens_per_second: float = 8.0):
+    """Greedy by default (the paper's evaluation); beam search when ``beam`` > 1."""
+    from speechrl.generate import DecodingOptions
+
+    if beam > 1:
+        return DecodingOptions(strategy="beam", num_beams=beam, max_new_tokens=max_new_tokens,
+                               tokens_per_second=tokens_per_second)
+    return DecodingOptions(strategy="greedy", max_new_tokens=max_new_tokens,
+                           tokens_per_second=tokens_per_second)
+
+
+def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[str, str | Path],
+                         out_dir: str | Path, *, normalizer: str = "whisper", beam: int = 0,
+                         device: str = "auto", max_new_tokens: int = 128,
+                         sections: Sequence[Section | Mapping[str, Any]] | None = None,
+                         training_metrics: Mapping[str, str | Path] | None = None,
+                         curve_keys: Sequence[str] | None = None,
+                         title: str = "speechrl evaluation") -> ReportPaths:
+    """Decode each set with each checkpoint and write the report; the first checkpoint is the
+    baseline of the relative WER changes."""
+    from speechrl.checkpoint import load_model
+    from speechrl.train.common import resolve_device, say
+
+    dev = resolve_device(device)
+    options = decoding_options(beam, max_new_tokens)
+    results: dict[str, dict[str, list[Hypothesis]]] = {}
+    for name, path in checkpoints.items():
+        model = load_model(path, device=dev)
+        results[name] = {set_name: decode_manifest(model, manifest, options=options, device=dev,
+                                                   desc=f"{name} / {set_name}")
+                         for set_name, manifest in sets.items()}
+        del model
+    paths = write_report(out_dir, results, normalizer=normalizer, title=title,
+                         training_metrics=training_metrics, sections=sections,
+                         curve_keys=curve_keys)
+    say(f"report: {paths.markdown}")
+    return paths
+
+
+def add_eval_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", action="append", required=True,
+                        help="a checkpoint folder; repeat for several (the first is the baseline); "
+                             "NAME=PATH names it in the report")
+    parser.add_argument("--data", action="append", required=True,
+                        help="a manifest (JSONL or Lhotse .jsonl.gz); repeat for several; "
+                             "NAME=PATH names the set")
+    parser.add_argument("--out", required=True, help="folder for report.md, report.json, plots")
+    parser.add_argument("--beam", type=int, default=0, help="beam width; 0 decodes greedily")
+    parser.add_argument("--normalizer", default="whisper",
+                        choices=["whisper", "basic", "lower", "none"])
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--metrics", action="append", default=[],
+                        help="NAME=metrics.jsonl of a training run, plotted as curves")
+
+
+def _named(items: Sequence[str]) -> dict[str, str]:
+    named = {}
+    for item in items:
+        name, _, path = item.rpartition("=")
+        if not name:
+            path = item
+            name = Path(item.rstrip("/")).name
+            if name.endswith(".jsonl.gz"):
+                name = name[: -len(".jsonl.gz")]
+            name = name.removesuffix(".jsonl")
+        if name in named:
+            raise ValueError(f"two inputs are both called {name!r}: name them NAME=PATH")
+        named[name] = path
+    return named
+
+
+def eval_main(args) -> int:
+    paths = evaluate_checkpoints(_named(args.checkpoint), _named(args.data), args.out,
+                                 normalizer=args.normalizer, beam=args.beam, device=args.device,
+                                 max_new_tokens=args.max_new_tokens,
+                                 training_metrics=_named(args.metrics) or None)
+    print(f"eval done: {paths.markdown}")
+    return 0
+
+
+def transcribe_files(checkpoint: str | Path, files: Sequence[str], *, beam: int = 0,
+                     device: str = "auto"):
+    """Yield (path, transcript) for each audio file, one at a time."""
+    import torch
+
+    from speechrl.checkpoint import load_model
+    from speechrl.data import features_for_files
+    from speechrl.generate import generate
+    from speechrl.train.common import resolve_device
+
+    dev = resolve_device(device)
+    model = load_model(checkpoint, device=dev).eval()
+    options = decoding_options(beam)
+    for path in files:
+        inputs, lengths, durations = features_for_files([path], model.encoder.input_kind)
+        with torch.no_grad():
+            result = generate(model, inputs.to(dev), lengths.to(dev), options,
+                              durations=durations.to(dev))
+        yield path, result.texts[0]

@@ -88,6 +88,17 @@ def tiny_model_config(tiny_llm_dir: Path, tiny_tokenizer_dir: Path) -> ModelConf
     )
 
 
+@pytest.fixture(scope="module")
+def tiny_model_config_module(tiny_llm_dir: Path, tiny_tokenizer_dir: Path) -> ModelConfig:
+    """The same tiny model config, for module-scoped fixtures (e.g. a model trained once)."""
+    return ModelConfig(
+        encoder=TINY_ENCODER,
+        projector=ProjectorConfig(stack=2),
+        llm=LLMConfig(path=str(tiny_llm_dir)),
+        tokenizer=str(tiny_tokenizer_dir),
+    )
+
+
 @pytest.fixture
 def tiny_model(tiny_model_config: ModelConfig, tiny_tokenizer: SpeechTokenizer) -> SpeechLLM:
     """A tiny SpeechLLM in eval mode (conformer 32-d frozen, projector x2, Llama 32-d)."""

@@ -1,0 +1,313 @@
+"""What every training loop shares: device and precision, optimizer and schedule, the step's
+bookkeeping, metrics logging, and the resumable state.
+
+Each stage (``lm.py``, ``ctc.py``, ``sft.py``, ``grpo.py``) keeps its own explicit loop and calls
+these helpers; nothing here owns a loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from speechrl.config import RunConfig, TrainConfig, to_dict
+
+# --------------------------------------------------------------------------- device, precision
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU (the usual choice for LLM training), full fp32 on CPU."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- optimizer, schedule
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on biases and norms (1-d tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas))
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then constant or cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
+    raise ValueError(f"unknown schedule {cfg.schedule!r}: use 'constant' or 'cosine'")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+def clip_and_check(model: torch.nn.Module, max_norm: float) -> tuple[float, bool]:
+    """Clip gradients; return (grad norm, finite). A non-finite norm means the step is skipped."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0, True
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    norm = float(norm)
+    return norm, math.isfinite(norm)
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class TrainerState:
+    """Everything besides weights and optimizer moments that a resumed run needs to continue
+    exactly: the step, the data position, the best dev score and the random generators."""
+
+    step: int = 0
+    epoch: int = 0
+    sampler: dict[str, Any] = field(default_factory=dict)
+    best_dev_wer: float | None = None
+    best_step: int | None = None
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+    python_rng: list | None = None
+    numpy_rng: dict | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainerState:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def capture_rng(state: TrainerState) -> dict[str, torch.Tensor]:
+    """Python and NumPy generator states go into the JSON state; torch's (tensors) are returned
+    to be saved with the optimizer state."""
+    state.python_rng = _to_lists(random.getstate())
+    np_state = np.random.get_state()
+    state.numpy_rng = {
+        "key": np_state[1].tolist(),
+        "pos": int(np_state[2]),
+        "has_gauss": int(np_state[3]),
+        "cached": float(np_state[4]),
+    }
+    tensors = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda_rng"] = torch.cuda.get_rng_state()
+    return tensors
+
+
+def restore_rng(state: TrainerState, tensors: dict[str, Any]) -> None:
+    if state.python_rng is not None:
+        random.setstate(_to_tuples(state.python_rng))
+    if state.numpy_rng is not None:
+        n = state.numpy_rng
+        key = np.array(n["key"], dtype=np.uint32)
+        np.random.set_state(("MT19937", key, n["pos"], n["has_gauss"], n["cached"]))
+    if "torch_rng" in tensors:
+        torch.set_rng_state(tensors["torch_rng"])
+    if "cuda_rng" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda_rng"])
+
+
+def _to_lists(x: Any) -> Any:
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x: Any) -> Any:
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+# --------------------------------------------------------------------------- data
+
+
+def endless_batches(loader, state: TrainerState) -> Iterator[Any]:
+    """Batches across epochs. The sampler's position is restored from ``state`` once, and the
+    epoch and position are written back to ``state`` as batches are consumed, so that a
+    checkpoint taken between steps resumes with exactly the next batch."""
+    sampler = loader.batch_sampler
+    first = True
+    while True:
+        sampler.set_epoch(state.epoch)
+        if first and state.sampler:
+            sampler.load_state_dict(state.sampler)
+        first = False
+        for batch in loader:
+            state.sampler = sampler.state_dict()
+            yield batch
+        state.epoch += 1
+        state.sampler = {}
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class MetricsLogger:
+    """Metrics as JSONL (``metrics.jsonl``) and TensorBoard events, and a short console line."""
+
+    def __init__(self, output_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self._tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+            except ImportError:  # tensorboard is a dependency, but logging must never stop a run
+                self._tb = None
+
+    def log(self, step: int, metrics: dict[str, float], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.time(), 3)}
+        row.update({f"{prefix}{k}": _plain(v) for k, v in metrics.items()})
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    if isinstance(v, float):
+        return round(v, 6)
+    return v
+
+
+def write_run_config(cfg: RunConfig, output_dir: Path, stage: str) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"{stage}_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+
+def say(message: str) -> None:
+    """One line for the person at the terminal (stderr keeps stdout for results)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    """A stage's place in the world: its config, output folder, device and logger."""
+
+    cfg: RunConfig
+    stage: str
+    output_dir: Path
+    device: torch.device
+    logger: MetricsLogger
+    is_main: bool = True
+
+    @property
+    def last_dir(self) -> Path:
+        return self.output_dir / "last"
+
+    @property
+    def best_dir(self) -> Path:
+        return self.output_dir / "best"
+
+
+def start_run(cfg: RunConfig, stage: str) -> Run:
+    output_dir = Path(cfg.train.output_dir)
+    write_run_config(cfg, output_dir, stage)
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    return Run(cfg, stage, output_dir, device, MetricsLogger(output_dir))
+
+
+def encode_targets(tokenizer, texts: list[str],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transcript ids followed by eos, right-padded: targets (B, T) long and mask (B, T) bool."""
+    from speechrl.prompt import pad_targets
+
+    targets, mask = pad_targets(tokenizer, [tokenizer.encode(t) for t in texts])
+    return targets.to(device), mask.to(device)
+
+
+def progress(total: int, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=2.0)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_training_checkpoint(run: Run, model, optimizer, scheduler, state: TrainerState,
+                             path: Path | None = None) -> Path:
+    """Weights, optimizer, scheduler, RNG and data position: everything a resume needs."""
+    from speechrl.checkpoint import save_checkpoint
+
+    path = path or run.last_dir
+    tensors = capture_rng(state)
+    optimizer_state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        **tensors,
+    }
+    save_checkpoint(model, path, trainer_state=state.to_json(), optimizer_state=optimizer_state)
+    return path
+
+
+def maybe_resume(run: Run, model, optimizer, scheduler) -> TrainerState:
+    """Continue from ``output_dir/last`` when it exists (and ``train.resume``), else start fresh."""
+    from speechrl.checkpoint import load_training_state, load_weights
+
+    last = run.last_dir
+    if not (run.cfg.train.resume and (last / "trainer_state.json").exists()):
+        return TrainerState()
+    load_weights(model, last)
+    trainer_state, optimizer_state = load_training_state(last)
+    optimizer.load_state_dict(optimizer_state["optimizer"])
+    scheduler.load_state_dict(optimizer_state["scheduler"])
+    state = TrainerState.from_json(trainer_state)
+    restore_rng(state, optimizer_state)
+    say(f"resuming {run.stage} from {last} at step {state.step}")
+    return state

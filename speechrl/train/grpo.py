@@ -1,0 +1,396 @@
+"""GRPO for speech recognition (paper section II-B/C, eq. 3-9), with DAPO and Dr. GRPO.
+
+Each step:
+  1. Draw B audios and encode each once (the encoder is frozen).
+  2. Roll out G candidate transcripts per audio from the current policy: multinomial sampling
+     with the paper's settings (temperature 1, top_p 1, no top_k / min_p) or the beam-search
+     n-best. One prefill per audio serves its G candidates; new tokens are capped by the
+     audio's duration so that hallucination loops end.
+  3. Score the candidates against the reference after the evaluation normaliser: negated WER,
+     exact match or negated edit distance (eq. 7-9), a weighted sum, or a user function.
+  4. Group advantages (eq. 4).
+  5. ``num_iterations`` updates of the clipped surrogate (eq. 3, 6) with the k3 estimate of
+     KL(policy || reference) (eq. 5); the reference is the frozen starting (SFT) model.
+
+The switches, and the algorithm presets that set them (``losses.PRESETS``; any of them can be
+overridden, e.g. ``grpo.algorithm=dapo grpo.beta=0.01``):
+
+  switch                                  grpo                dapo           dr_grpo
+  KL weight beta (eq. 5)                  0.04                0 (no ref)     0.04
+  clip range (1-eps_low, 1+eps_high)      (0.8, 1.2)          (0.8, 1.28)    (0.8, 1.2)
+  advantage scale (eq. 4)                 / group std         / group std    none (mean only)
+  loss aggregation                        per-sequence mean,  token mean     token sum /
+                                          then mean over seq  over the batch (N * max_new_tokens)
+  dynamic sampling (drop all-equal groups) no                 yes            no
+
+With ``num_iterations == 1`` the old policy is the current one, so the ratio is exactly 1 and
+only its gradient matters; with more iterations the old log-probs come from a no-grad pass
+before the first update and are kept for the ratio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from speechrl.config import GRPOConfig, RunConfig
+from speechrl.losses import PRESETS, group_advantages, informative_groups, policy_loss
+from speechrl.train.common import (
+    Run,
+    TrainerState,
+    autocast,
+    build_optimizer,
+    build_scheduler,
+    clip_and_check,
+    endless_batches,
+    maybe_resume,
+    progress,
+    save_training_checkpoint,
+    start_run,
+)
+from speechrl.train.sft import skip_nonfinite
+from speechrl.train.speech import dev_evaluation, keep_if_best, load_or_build_model, speech_loaders
+
+
+def resolve_algorithm(cfg: GRPOConfig) -> GRPOConfig:
+    """Fill every switch left as None from the algorithm's preset."""
+    if cfg.algorithm not in PRESETS:
+        raise ValueError(f"unknown grpo.algorithm {cfg.algorithm!r}; one of {sorted(PRESETS)}")
+    preset = PRESETS[cfg.algorithm]
+    filled = {
+        name: getattr(preset, name)
+        for name in ("scale", "agg", "beta", "eps_low", "eps_high", "dynamic_sampling")
+        if getattr(cfg, name) is None
+    }
+    return dataclasses.replace(cfg, **filled)
+
+
+@dataclasses.dataclass
+class Rollout:
+    """G candidates for each of B audios, flattened audio-major: row b*G + g."""
+
+    speech_inputs: torch.Tensor  # (B, N, F) or (B, S): the audio features
+    input_lengths: torch.Tensor  # (B,)
+    refs: list[str]  # (B,)
+    languages: list[str]  # (B,)
+    tokens: torch.Tensor  # (B*G, T) candidate ids (pad after eos)
+    mask: torch.Tensor  # (B*G, T) bool: tokens that carry loss
+    texts: list[str]  # (B*G,)
+    finished: torch.Tensor  # (B*G,) bool
+    rewards: torch.Tensor  # (B, G)
+    wers: torch.Tensor  # (B, G) candidate WER, logged whatever the reward
+    old_logp: torch.Tensor | None = None  # (B*G, T)
+    ref_logp: torch.Tensor | None = None  # (B*G, T)
+
+    @property
+    def num_audios(self) -> int:
+        return len(self.refs)
+
+
+def train_grpo(cfg: RunConfig) -> Path:
+    grpo = resolve_algorithm(cfg.grpo)
+    cfg = dataclasses.replace(cfg, grpo=grpo)
+    if not cfg.train.init:
+        raise ValueError("GRPO starts from a trained model: set train.init=<SFT checkpoint>")
+    run = start_run(cfg, "grpo")
+    policy = load_or_build_model(cfg, run.device)
+    reference = None
+    if grpo.beta > 0:  # with beta = 0 the reference model is not even loaded
+        reference = load_or_build_model(cfg, run.device).eval().requires_grad_(False)
+    train_loader, dev_loader = speech_loaders(cfg, policy)
+    optimizer = build_optimizer(policy, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    state = maybe_resume(run, policy, optimizer, scheduler)
+    batches = endless_batches(train_loader, state)
+    reward_fn = build_reward_fn(grpo)
+    generator = torch.Generator(device=run.device)
+
+    bar = progress(cfg.train.max_steps, state.step, f"grpo ({grpo.algorithm})")
+    while state.step < cfg.train.max_steps:
+        # A fresh generator state per step, derived from the seed and the step, keeps sampling
+        # reproducible across a resume without saving the generator.
+        generator.manual_seed(cfg.train.seed * 1_000_003 + state.step)
+        stats = grpo_step(run, policy, reference, optimizer, batches, reward_fn, generator, state)
+        scheduler.step()
+        state.step += 1
+        bar.update(1)
+        if stats is not None:
+            stats["lr"] = scheduler.get_last_lr()[0]
+            if state.step % cfg.train.log_every == 0 or state.step == 1:
+                run.logger.log(state.step, stats, prefix="train/")
+            bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", wer=f"{stats['sample_wer']:.3f}")
+        end = state.step == cfg.train.max_steps
+        if dev_loader is not None and (state.step % cfg.train.eval_every == 0 or end):
+            dev = dev_evaluation(policy, dev_loader, run, grpo.normalizer)
+            keep_if_best(run, policy, state, dev)
+        if state.step % cfg.train.save_every == 0 or end:
+            save_training_checkpoint(run, policy, optimizer, scheduler, state)
+    bar.close()
+    run.logger.close()
+    return run.best_dir if run.best_dir.exists() else run.last_dir
+
+
+def build_reward_fn(grpo: GRPOConfig):
+    from speechrl.rewards import build_reward
+
+    return build_reward(grpo.reward, normalizer=grpo.normalizer)
+
+
+def grpo_step(run: Run, policy, reference, optimizer, batches, reward_fn, generator,
+              state: TrainerState) -> dict | None:
+    grpo = run.cfg.grpo
+    timer = StepTimer()
+    with timer("rollout_s"):
+        rollout, rollout_stats = collect_rollouts(run, policy, batches, reward_fn, generator, timer)
+    with timer("logprob_s"):
+        if reference is not None:
+            rollout.ref_logp = candidate_logprobs(run, reference, rollout)
+        if grpo.num_iterations > 1:
+            rollout.old_logp = candidate_logprobs(run, policy, rollout)
+    advantages = group_advantages(rollout.rewards, scale=grpo.scale).flatten()  # (B*G,)
+
+    stats: dict[str, float] = {}
+    with timer("update_s"):
+        for _ in range(grpo.num_iterations):
+            update = policy_update(run, policy, optimizer, rollout, advantages)
+            if update is None:
+                skip_nonfinite(run, state, optimizer)
+                return None
+            stats = update
+    state.nonfinite_in_row = 0
+    stats.update(rollout_stats)
+    # Scoring happens inside the rollout phase; report the two apart.
+    timer.times["rollout_s"] -= timer.times.get("scoring_s", 0.0)
+    stats.update(timer.times)
+    return stats
+
+
+# --------------------------------------------------------------------------- rollout
+
+
+@torch.no_grad()
+def collect_rollouts(run: Run, policy, batches, reward_fn, generator,
+                     timer) -> tuple[Rollout, dict]:
+    """Sample and score groups; DAPO's dynamic sampling drops groups whose rewards are all equal
+    (they carry no advantage) and draws more audios, at most ``max_refill_rounds`` times."""
+    grpo = run.cfg.grpo
+    parts: list[Rollout] = []
+    kept = drawn = zero_std = 0
+    target = None
+    for round_ in range(1 + (grpo.max_refill_rounds if grpo.dynamic_sampling else 0)):
+        batch = next(batches).to(run.device)
+        target = target or len(batch.texts)
+        part = sample_groups(run, policy, batch, reward_fn, generator, timer)
+        informative = informative_groups(part.rewards)
+        drawn += part.num_audios
+        zero_std += int((~informative).sum())
+        if grpo.dynamic_sampling:
+            part = select_audios(part, informative.nonzero().flatten().tolist())
+        parts.append(part)
+        kept += part.num_audios
+        if kept >= target:
+            break
+        del round_
+    rollout = concat_rollouts(parts, grpo.group_size)
+    if grpo.dynamic_sampling and rollout.num_audios > target:
+        rollout = select_audios(rollout, list(range(target)))
+    if rollout.num_audios == 0:  # every group was uninformative: the update is a no-op
+        rollout = parts[-1] if parts[-1].num_audios else sample_groups(
+            run, policy, next(batches).to(run.device), reward_fn, generator, timer)
+    lengths = rollout.mask.sum(1).float()
+    stats = {
+        "reward_mean": rollout.rewards.mean().item(),
+        "reward_std": rollout.rewards.std().item() if rollout.rewards.numel() > 1 else 0.0,
+        "sample_wer": rollout.wers.mean().item(),
+        "zero_std_share": zero_std / max(drawn, 1),
+        "audios": float(rollout.num_audios),
+        "audios_drawn": float(drawn),
+        "candidate_len": lengths.mean().item(),
+        "truncated_share": (~rollout.finished).float().mean().item(),
+    }
+    return rollout, stats
+
+
+def sample_groups(run: Run, policy, batch, reward_fn, generator, timer) -> Rollout:
+    from speechrl.generate import DecodingOptions, generate, max_tokens_for_duration
+    from speechrl.metrics import error_counts
+
+    grpo = run.cfg.grpo
+    G = grpo.group_size
+    options = DecodingOptions(
+        strategy=grpo.strategy,
+        num_return_sequences=G,
+        temperature=grpo.temperature,
+        top_p=grpo.top_p,
+        top_k=grpo.top_k,
+        min_p=grpo.min_p,
+        num_beams=grpo.num_beams or G,
+        max_new_tokens=grpo.max_new_tokens,
+    )
+    policy.eval()
+    caps = max_tokens_for_duration(batch.durations, grpo.tokens_per_second, floor=8,
+                                   cap=grpo.max_new_tokens)
+    with autocast(run.device, run.cfg.train.precision):
+        result = generate(policy, batch.inputs, batch.input_lengths, options,
+                          max_new_tokens=caps, generator=generator)
+    with timer("scoring_s"):
+        refs = [r for r in batch.texts for _ in range(G)]
+        langs = [lang for lang in batch.languages for _ in range(G)]
+        rewards = torch.tensor(reward_fn(result.texts, refs, langs), dtype=torch.float32)
+        per_utt, _ = error_counts(reward_fn.normalize(refs, langs),
+                                  reward_fn.normalize(result.texts, langs))
+        wers = torch.tensor([c.wer for c in per_utt], dtype=torch.float32)
+    tokens, mask = pad_candidates(result.tokens, policy.tokenizer.pad_id, run.device)
+    if grpo.mask_truncated:
+        mask &= result.finished.to(run.device).unsqueeze(1)
+    B = len(batch.texts)
+    return Rollout(
+        speech_inputs=batch.inputs,
+        input_lengths=batch.input_lengths,
+        refs=list(batch.texts),
+        languages=list(batch.languages),
+        tokens=tokens,
+        mask=mask,
+        texts=list(result.texts),
+        finished=result.finished.to(run.device),
+        rewards=rewards.view(B, G).to(run.device),
+        wers=wers.view(B, G),
+    )
+
+
+def pad_candidates(tokens: list[list[int]], pad_id: int,
+                   device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad candidate ids: (B*G, T) ids and (B*G, T) mask. An empty candidate (cut at zero
+    tokens) keeps one pad position with mask False so shapes stay valid."""
+    width = max(1, max(len(t) for t in tokens))
+    ids = torch.full((len(tokens), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(tokens), width), dtype=torch.bool)
+    for i, t in enumerate(tokens):
+        ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        mask[i, : len(t)] = True
+    return ids.to(device), mask.to(device)
+
+
+def select_audios(r: Rollout, keep: list[int]) -> Rollout:
+    G = r.rewards.shape[1]
+    rows = [b * G + g for b in keep for g in range(G)]
+    idx = torch.tensor(keep, dtype=torch.long, device=r.speech_inputs.device)
+    ridx = torch.tensor(rows, dtype=torch.long, device=r.tokens.device)
+    return Rollout(
+        speech_inputs=r.speech_inputs.index_select(0, idx),
+        input_lengths=r.input_lengths.index_select(0, idx),
+        refs=[r.refs[b] for b in keep],
+        languages=[r.languages[b] for b in keep],
+        tokens=r.tokens.index_select(0, ridx),
+        mask=r.mask.index_select(0, ridx),
+        texts=[r.texts[i] for i in rows],
+        finished=r.finished.index_select(0, ridx),
+        rewards=r.rewards[keep],
+        wers=r.wers[keep],
+    )
+
+
+def concat_rollouts(parts: list[Rollout], G: int) -> Rollout:
+    parts = [p for p in parts if p.num_audios] or parts[:1]
+    if len(parts) == 1:
+        return parts[0]
+    return Rollout(
+        speech_inputs=_cat_padded([p.speech_inputs for p in parts]),
+        input_lengths=torch.cat([p.input_lengths for p in parts]),
+        refs=sum((p.refs for p in parts), []),
+        languages=sum((p.languages for p in parts), []),
+        tokens=_cat_padded([p.tokens for p in parts], value=0),
+        mask=_cat_padded([p.mask for p in parts], value=False),
+        texts=sum((p.texts for p in parts), []),
+        finished=torch.cat([p.finished for p in parts]),
+        rewards=torch.cat([p.rewards for p in parts]),
+        wers=torch.cat([p.wers for p in parts]),
+    )
+
+
+def _cat_padded(tensors: list[torch.Tensor], value=0) -> torch.Tensor:
+    """Concatenate along dim 0, right-padding dim 1 to the widest."""
+    width = max(t.shape[1] for t in tensors)
+    padded = []
+    for t in tensors:
+        pad = [0, 0] * (t.dim() - 2) + [0, width - t.shape[1]]
+        padded.append(torch.nn.functional.pad(t, pad, value=value))
+    return torch.cat(padded)
+
+
+# --------------------------------------------------------------------------- update
+
+
+def _speech_for_candidates(model, rollout: Rollout, G: int):
+    speech, speech_lengths = model.encode_speech(rollout.speech_inputs, rollout.input_lengths)
+    return speech.repeat_interleave(G, dim=0), speech_lengths.repeat_interleave(G, dim=0)
+
+
+@torch.no_grad()
+def candidate_logprobs(run: Run, model, rollout: Rollout) -> torch.Tensor:
+    """Per-token log-probs of every candidate under ``model`` (reference or old policy)."""
+    G = rollout.rewards.shape[1]
+    was_training = model.training
+    model.eval()
+    with autocast(run.device, run.cfg.train.precision):
+        speech, speech_lengths = _speech_for_candidates(model, rollout, G)
+        logp = model.target_logprobs(speech, speech_lengths, rollout.tokens, rollout.mask)
+    model.train(was_training)
+    return logp.float()
+
+
+def policy_update(run: Run, policy, optimizer, rollout: Rollout, advantages: torch.Tensor):
+    """One optimizer step on the whole rollout batch (eq. 3). Returns stats, or None when the
+    loss or the gradient is not finite."""
+    grpo = run.cfg.grpo
+    G = grpo.group_size
+    policy.train()
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(run.device, run.cfg.train.precision):
+        speech, speech_lengths = _speech_for_candidates(policy, rollout, G)
+        logits = policy.target_logits(speech, speech_lengths, rollout.tokens, rollout.mask)
+    logits = logits.float()
+    log_probs = torch.log_softmax(logits, dim=-1)
+    logp = log_probs.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)  # (B*G, T)
+    logp = logp.masked_fill(~rollout.mask, 0.0)
+    old_logp = rollout.old_logp if rollout.old_logp is not None else logp.detach()
+    norm_len = grpo.max_new_tokens if grpo.agg == "seq_mean_token_sum_norm" else None
+    loss, stats = policy_loss(
+        logp, old_logp, advantages, rollout.mask,
+        ref_logp=rollout.ref_logp, beta=grpo.beta, eps_low=grpo.eps_low,
+        eps_high=grpo.eps_high, agg=grpo.agg, norm_len=norm_len,
+    )
+    if not torch.isfinite(loss):
+        return None
+    loss.backward()
+    grad_norm, finite = clip_and_check(policy, run.cfg.train.grad_clip)
+    if not finite:
+        return None
+    optimizer.step()
+    with torch.no_grad():
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        entropy = (entropy * rollout.mask).sum() / rollout.mask.sum().clamp(min=1)
+    stats = dict(stats)
+    stats.update({"loss": loss.item(), "grad_norm": grad_norm, "entropy": entropy.item()})
+    return stats
+
+
+class StepTimer:
+    """Wall time of a step's phases (rollout, scoring, log-prob passes, update), in seconds."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start

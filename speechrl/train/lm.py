@@ -1,0 +1,199 @@
+"""Text-only pre-training of the LLM (paper eq. 1).
+
+On a real set-up the LLM comes pre-trained (``model.llm.path``) and this stage is skipped. Here,
+where no weights can be fetched, it trains a BPE tokenizer on the corpus text and a preset LLM
+(``model.llm.preset``) with next-token loss, and writes both as one Hugging Face folder,
+``output_dir/model``, which later stages take by path like any pretrained LLM.
+
+Sequences pack ``lm.sentences_per_sequence`` sentences, each as ``<BOS> text <EOS>``, so the
+model learns where a transcript ends — the SFT target ends with ``<EOS>`` too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speechrl.config import RunConfig
+from speechrl.train.common import (
+    Run,
+    TrainerState,
+    autocast,
+    build_optimizer,
+    build_scheduler,
+    capture_rng,
+    clip_and_check,
+    progress,
+    restore_rng,
+    say,
+    start_run,
+)
+
+
+def corpus_texts(manifests, extra_files=()) -> list[str]:
+    """Transcripts of the manifests (audio is not read) and the lines of plain-text files."""
+    from speechrl.data import read_manifest_texts
+
+    texts = [t for m in manifests for t in read_manifest_texts(m)]
+    for path in extra_files:
+        texts += [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    return texts
+
+
+def pack_sequences(texts: list[str], tokenizer, per_sequence: int, max_length: int,
+                   seed: int) -> list[list[int]]:
+    """Shuffle sentences and pack them ``<BOS> s <EOS>`` after one another, cut at max_length."""
+    order = np.random.default_rng(seed).permutation(len(texts))
+    sequences, current, count = [], [], 0
+    for i in order:
+        ids = [tokenizer.bos_id] + tokenizer.encode(texts[i]) + [tokenizer.eos_id]
+        if current and (count == per_sequence or len(current) + len(ids) > max_length):
+            sequences.append(current)
+            current, count = [], 0
+        current += ids[:max_length]
+        count += 1
+    if current:
+        sequences.append(current)
+    return sequences
+
+
+def collate_sequences(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input ids (B, T) right-padded and labels (B, T) with -100 on padding."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        labels[i, : len(s)] = torch.tensor(s)
+    return ids, labels
+
+
+def train_lm(cfg: RunConfig) -> Path:
+    from speechrl.model import build_llm
+
+    run = start_run(cfg, "pretrain-lm")
+    texts = corpus_texts(cfg.data.train, cfg.lm.text)
+    if not texts:
+        raise ValueError("no text to pre-train on: set data.train (manifests) or lm.text (files)")
+    tokenizer = lm_tokenizer(cfg, texts, run)
+    train_seqs = pack_sequences(texts, tokenizer, cfg.lm.sentences_per_sequence,
+                                cfg.lm.max_length, cfg.train.seed)
+    dev_texts = corpus_texts(cfg.data.dev)[:2000]
+    dev_seqs = pack_sequences(dev_texts, tokenizer, cfg.lm.sentences_per_sequence,
+                              cfg.lm.max_length, cfg.train.seed) if dev_texts else []
+
+    llm = build_llm(cfg.model.llm, tokenizer.vocab_size).to(run.device)
+    say(f"pretrain-lm: {len(texts)} sentences, {len(train_seqs)} sequences, "
+        f"vocabulary {tokenizer.vocab_size}, {sum(p.numel() for p in llm.parameters()) / 1e6:.1f}M "
+        f"parameters")
+    optimizer = build_optimizer(llm, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    state = resume_lm(run, llm, optimizer, scheduler)
+    batch_size = cfg.train.batch_size or 32
+
+    bar = progress(cfg.train.max_steps, state.step, "pretrain-lm")
+    while state.step < cfg.train.max_steps:
+        batch = next_lm_batch(train_seqs, batch_size, state, cfg.train.seed)
+        ids, labels = collate_sequences(batch, tokenizer.pad_id)
+        llm.train()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(run.device, cfg.train.precision):
+            loss = llm(input_ids=ids.to(run.device), attention_mask=(labels != -100).to(run.device),
+                       labels=labels.to(run.device)).loss
+        loss.backward()
+        grad_norm, finite = clip_and_check(llm, cfg.train.grad_clip)
+        if finite and torch.isfinite(loss):
+            optimizer.step()
+        scheduler.step()
+        state.step += 1
+        bar.update(1)
+        if state.step % cfg.train.log_every == 0:
+            run.logger.log(state.step, {"loss": loss.item(), "grad_norm": grad_norm,
+                                        "lr": scheduler.get_last_lr()[0]}, prefix="train/")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        end = state.step == cfg.train.max_steps
+        if dev_seqs and (state.step % cfg.train.eval_every == 0 or end):
+            dev_loss = lm_dev_loss(llm, dev_seqs, tokenizer.pad_id, run)
+            run.logger.log(state.step, {"loss": dev_loss, "perplexity": float(np.exp(dev_loss))},
+                           prefix="dev/")
+            say(f"step {state.step}: dev loss {dev_loss:.3f} (perplexity {np.exp(dev_loss):.1f})")
+        if state.step % cfg.train.save_every == 0 or end:
+            save_lm(run, llm, tokenizer, optimizer, scheduler, state)
+    bar.close()
+    run.logger.close()
+    return run.output_dir / "model"
+
+
+def lm_tokenizer(cfg: RunConfig, texts: list[str], run: Run):
+    from speechrl.tokenizer import SpeechTokenizer, train_bpe
+
+    if cfg.model.tokenizer:
+        return SpeechTokenizer.from_pretrained(cfg.model.tokenizer)
+    saved = run.output_dir / "model"
+    if (saved / "tokenizer.json").exists():  # a resumed run keeps its tokenizer
+        return SpeechTokenizer.from_pretrained(saved)
+    return train_bpe(texts, vocab_size=cfg.lm.vocab_size)
+
+
+def next_lm_batch(sequences: list[list[int]], batch_size: int, state: TrainerState,
+                  seed: int) -> list[list[int]]:
+    """The next batch of a per-epoch permutation; the position lives in ``state.sampler`` so a
+    resumed run continues with exactly the next batch."""
+    pos = state.sampler.get("position", 0)
+    if pos + batch_size > len(sequences) and pos > 0:
+        state.epoch, pos = state.epoch + 1, 0
+    order = np.random.default_rng([seed, state.epoch]).permutation(len(sequences))
+    picked = order[pos : pos + batch_size]
+    state.sampler = {"position": pos + len(picked)}
+    return [sequences[i] for i in picked]
+
+
+@torch.no_grad()
+def lm_dev_loss(llm, sequences: list[list[int]], pad_id: int, run: Run,
+                batch_size: int = 64) -> float:
+    llm.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(sequences), batch_size):
+        ids, labels = collate_sequences(sequences[i : i + batch_size], pad_id)
+        with autocast(run.device, run.cfg.train.precision):
+            loss = llm(input_ids=ids.to(run.device), attention_mask=(labels != -100).to(run.device),
+                       labels=labels.to(run.device)).loss
+        n = int((labels[:, 1:] != -100).sum())
+        total += loss.item() * n
+        count += n
+    return total / max(count, 1)
+
+
+def save_lm(run: Run, llm, tokenizer, optimizer, scheduler, state: TrainerState) -> None:
+    """``output_dir/model``: the HF folder later stages load; ``output_dir/last``: the same plus
+    the optimizer, schedule, RNG and data position for resuming. Both written atomically."""
+    from speechrl.checkpoint import atomic_directory
+
+    for name in ("model", "last"):
+        with atomic_directory(run.output_dir / name) as tmp:
+            llm.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if name == "last":
+                tensors = capture_rng(state)
+                torch.save({"optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), **tensors}, tmp / "optimizer.pt")
+                (tmp / "trainer_state.json").write_text(json.dumps(state.to_json()))
+
+
+def resume_lm(run: Run, llm, optimizer, scheduler) -> TrainerState:
+    from safetensors.torch import load_file
+
+    last = run.output_dir / "last"
+    if not (run.cfg.train.resume and (last / "trainer_state.json").exists()):
+        return TrainerState()
+    llm.load_state_dict(load_file(str(last / "model.safetensors")), strict=False)
+    extra = torch.load(last / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    state = TrainerState.from_json(json.loads((last / "trainer_state.json").read_text()))
+    restore_rng(state, extra)
+    say(f"resuming pretrain-lm from {last} at step {state.step}")
+    return state

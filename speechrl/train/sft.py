@@ -1,0 +1,102 @@
+"""Supervised fine-tuning of the speech-LLM (paper eq. 2).
+
+The encoder stays frozen; the projector and the LLM (or its LoRA adapters) learn next-token
+prediction on the transcript tokens only — the prompt and the speech positions carry no loss.
+Every ``eval_every`` steps the dev loss and the greedy dev WER are measured and the best model by
+dev WER is kept in ``output_dir/best`` (the paper picks checkpoints on dev); every ``save_every``
+steps ``output_dir/last`` is written for resuming.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from speechrl.config import RunConfig
+from speechrl.losses import sft_loss
+from speechrl.train.common import (
+    Run,
+    TrainerState,
+    autocast,
+    build_optimizer,
+    build_scheduler,
+    clip_and_check,
+    encode_targets,
+    endless_batches,
+    maybe_resume,
+    progress,
+    save_training_checkpoint,
+    say,
+    start_run,
+)
+from speechrl.train.speech import dev_evaluation, keep_if_best, load_or_build_model, speech_loaders
+
+
+def train_sft(cfg: RunConfig) -> Path:
+    run = start_run(cfg, "sft")
+    model = load_or_build_model(cfg, run.device)
+    train_loader, dev_loader = speech_loaders(cfg, model)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    state = maybe_resume(run, model, optimizer, scheduler)
+    batches = endless_batches(train_loader, state)
+
+    bar = progress(cfg.train.max_steps, state.step, "sft")
+    while state.step < cfg.train.max_steps:
+        stats = sft_step(run, model, optimizer, batches, state)
+        scheduler.step()
+        state.step += 1
+        bar.update(1)
+        if stats is not None and state.step % cfg.train.log_every == 0:
+            stats["lr"] = scheduler.get_last_lr()[0]
+            run.logger.log(state.step, stats, prefix="train/")
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}")
+        end = state.step == cfg.train.max_steps
+        if dev_loader is not None and (state.step % cfg.train.eval_every == 0 or end):
+            dev = dev_evaluation(model, dev_loader, run, cfg.grpo.normalizer)
+            keep_if_best(run, model, state, dev)
+        if state.step % cfg.train.save_every == 0 or end:
+            save_training_checkpoint(run, model, optimizer, scheduler, state)
+    bar.close()
+    run.logger.close()
+    return run.best_dir if run.best_dir.exists() else run.last_dir
+
+
+def sft_step(run: Run, model, optimizer, batches, state: TrainerState) -> dict | None:
+    """One optimizer step over ``grad_accum`` batches; None when the step was skipped as
+    non-finite (counted; the run stops after ``max_nonfinite_steps`` in a row)."""
+    cfg = run.cfg.train
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    total_loss, total_tokens = 0.0, 0
+    for _ in range(cfg.grad_accum):
+        batch = next(batches).to(run.device)
+        targets, mask = encode_targets(model.tokenizer, batch.texts, run.device)
+        with autocast(run.device, cfg.precision):
+            speech, speech_lengths = model.encode_speech(batch.inputs, batch.input_lengths)
+            logits = model.target_logits(speech, speech_lengths, targets, mask)
+        loss = sft_loss(logits.float(), targets, mask)
+        (loss / cfg.grad_accum).backward()
+        total_loss += loss.item()
+        total_tokens += int(mask.sum())
+    grad_norm, finite = clip_and_check(model, cfg.grad_clip)
+    if not finite or not torch.isfinite(torch.tensor(total_loss)):
+        skip_nonfinite(run, state, optimizer)
+        return None
+    optimizer.step()
+    state.nonfinite_in_row = 0
+    return {"loss": total_loss / cfg.grad_accum, "grad_norm": grad_norm, "tokens": total_tokens}
+
+
+def skip_nonfinite(run: Run, state: TrainerState, optimizer) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    state.nonfinite_in_row += 1
+    state.nonfinite_total += 1
+    say(f"step {state.step}: non-finite loss or gradient, step skipped "
+        f"({state.nonfinite_in_row} in a row)")
+    if state.nonfinite_in_row >= run.cfg.train.max_nonfinite_steps:
+        raise FloatingPointError(
+            f"{state.nonfinite_in_row} non-finite steps in a row at step {state.step}; "
+            f"the last good checkpoint is {run.last_dir}. Lower train.lr or check the data."
+        )

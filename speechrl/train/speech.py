@@ -1,0 +1,94 @@
+"""What the speech stages (SFT and GRPO) share: building or loading the speech-LLM, the train
+and dev loaders, and the dev evaluation that picks the best checkpoint."""
+
+from __future__ import annotations
+
+import torch
+
+from speechrl.config import RunConfig
+from speechrl.losses import sft_loss
+from speechrl.train.common import Run, TrainerState, autocast, encode_targets, say
+
+
+def load_or_build_model(cfg: RunConfig, device: torch.device):
+    """The ``train.init`` checkpoint when given (GRPO starts from SFT), else a model built from
+    ``cfg.model`` (pretrained encoder and LLM by path, or presets)."""
+    from speechrl.checkpoint import load_model
+    from speechrl.model import SpeechLLM
+    from speechrl.tokenizer import SpeechTokenizer
+
+    if cfg.train.init:
+        return load_model(cfg.train.init, device=device)
+    tokenizer_path = cfg.model.tokenizer or cfg.model.llm.path
+    if tokenizer_path is None:
+        raise ValueError("model.tokenizer (or model.llm.path with tokenizer files) is required "
+                         "to build a speech-LLM; run `speechrl pretrain-lm` to train one")
+    tokenizer = SpeechTokenizer.from_pretrained(tokenizer_path)
+    return SpeechLLM.from_config(cfg.model, tokenizer).to(device)
+
+
+def speech_loaders(cfg: RunConfig, model, rank: int = 0, world_size: int = 1):
+    """(train loader, dev loader or None) with the features the model's encoder takes."""
+    from speechrl.data import make_dataloader
+
+    features = cfg.data.features or model.encoder.input_kind
+    if not cfg.data.train:
+        raise ValueError("data.train is empty: give one or more manifests, e.g. "
+                         "data.train=corpus/train.jsonl")
+    train = make_dataloader(cfg.data.train, cfg.data, features=features, training=True,
+                            seed=cfg.train.seed, rank=rank, world_size=world_size,
+                            batch_size=cfg.train.batch_size)
+    dev = None
+    if cfg.data.dev:
+        dev = make_dataloader(cfg.data.dev, cfg.data, features=features, training=False,
+                              rank=rank, world_size=world_size,
+                              max_utterances=cfg.train.dev_utterances)
+    return train, dev
+
+
+@torch.no_grad()
+def dev_evaluation(model, loader, run: Run, normalizer: str) -> dict[str, float]:
+    """Dev loss (teacher forcing) and greedy dev WER over the dev loader."""
+    from speechrl.generate import DecodingOptions, generate, max_tokens_for_duration
+    from speechrl.metrics import error_counts
+    from speechrl.text import get_normalizer
+
+    was_training = model.training
+    model.eval()
+    options = DecodingOptions(strategy="greedy", max_new_tokens=run.cfg.grpo.max_new_tokens)
+    loss_sum, token_sum = 0.0, 0
+    refs, hyps = [], []
+    for batch in loader:
+        batch = batch.to(run.device)
+        targets, mask = encode_targets(model.tokenizer, batch.texts, run.device)
+        with autocast(run.device, run.cfg.train.precision):
+            speech, speech_lengths = model.encode_speech(batch.inputs, batch.input_lengths)
+            logits = model.target_logits(speech, speech_lengths, targets, mask)
+            caps = max_tokens_for_duration(batch.durations, run.cfg.grpo.tokens_per_second,
+                                           floor=8, cap=options.max_new_tokens)
+            result = generate(model, batch.inputs, batch.input_lengths, options,
+                              max_new_tokens=caps)
+        n = int(mask.sum())
+        loss_sum += sft_loss(logits.float(), targets, mask).item() * n
+        token_sum += n
+        for ref, hyp, lang in zip(batch.texts, result.texts, batch.languages, strict=True):
+            norm = get_normalizer(normalizer, lang)
+            refs.append(norm(ref))
+            hyps.append(norm(hyp))
+    model.train(was_training)
+    _, total = error_counts(refs, hyps)
+    return {"loss": loss_sum / max(token_sum, 1), "wer": total.wer, "utterances": len(refs)}
+
+
+def keep_if_best(run: Run, model, state: TrainerState, dev: dict[str, float]) -> None:
+    """Log the dev figures and save ``output_dir/best`` when dev WER improved."""
+    from speechrl.checkpoint import save_checkpoint
+
+    run.logger.log(state.step, dev, prefix="dev/")
+    improved = state.best_dev_wer is None or dev["wer"] < state.best_dev_wer
+    if improved:
+        state.best_dev_wer, state.best_step = dev["wer"], state.step
+        save_checkpoint(model, run.best_dir, trainer_state={"step": state.step, "dev": dev})
+    say(f"step {state.step}: dev loss {dev['loss']:.3f}, dev WER {100 * dev['wer']:.2f}%"
+        + (" (best)" if improved else f" (best {100 * state.best_dev_wer:.2f}% at "
+                                       f"step {state.best_step})"))
