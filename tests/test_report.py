@@ -1,5 +1,5 @@
 """The report holds what the hypotheses say: hand-counted WER parts, relative changes, the
-JSONL files, paper-shaped sections and the plots."""
+JSONL files, paper-shaped sections and the plots it links."""
 
 from __future__ import annotations
 
@@ -10,17 +10,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from speechrl.evaluate import (
-    Hypothesis,
-    Section,
-    curve_keys_of,
-    plot_training_curves,
-    read_metrics,
-    relative_change,
-    score_set,
-    write_report,
-)
 from speechrl.metrics import ErrorCounts, error_counts
+from speechrl.report import Hypothesis, Section, relative_change, score_set, write_report
 from speechrl.text import get_normalizer
 
 # Two checkpoints on two sets, counted by hand (plain lower-case words, which every normaliser
@@ -216,22 +207,6 @@ def test_pngs(report) -> None:
         height, width, _ = matplotlib.image.imread(path).shape
         assert height > 300 and width > 400
         assert f"]({path.name})" in md
-
-
-def test_training_curves(tmp_path: Path) -> None:
-    path = tmp_path / "m.jsonl"
-    path.write_text('{"step": 0, "loss": 2.0, "lr": 1e-6, "tag": "x"}\n\n'
-                    '{"step": 1, "loss": 1.5, "reward_mean": -0.4, "dev_wer": 30.0}\n')
-    rows = read_metrics(path)
-    # the usual keys first, then the others in order of appearance; step and strings left out
-    assert curve_keys_of(rows) == ["reward_mean", "dev_wer", "loss", "lr"]
-    png = plot_training_curves(rows, tmp_path / "c.png", run="r", keys=["loss"])
-    assert png.read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(ValueError, match="no numeric values for \\['kl'\\]"):
-        plot_training_curves(rows, tmp_path / "d.png", run="r", keys=["kl"])
-    path.write_text('{"step": 0}\nnot json\n')
-    with pytest.raises(ValueError, match="m.jsonl:2: not valid JSON"):
-        read_metrics(path)
 
 
 def test_bad_input(tmp_path: Path) -> None:
