@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speechrl.config import load_run_config
+from speechrl.report import Section
 from speechrl.train.common import say
 
 
@@ -30,10 +31,10 @@ class DemoScale:
     eval_every: int
 
 
-FULL = DemoScale(utts=400, lm_steps=600, ctc_steps=1500, sft_steps=800, grpo_steps=100,
+FULL = DemoScale(utts=400, lm_steps=200, ctc_steps=900, sft_steps=600, grpo_steps=100,
                  adapt_steps=60, eval_every=200)
-QUICK = DemoScale(utts=60, lm_steps=150, ctc_steps=300, sft_steps=200, grpo_steps=20,
-                  adapt_steps=20, eval_every=100)
+QUICK = DemoScale(utts=60, lm_steps=60, ctc_steps=150, sft_steps=120, grpo_steps=15,
+                  adapt_steps=10, eval_every=60)
 
 EVAL_SETS = ("test", "ood_noisy", "ood_farfield", "adapt_test")
 
@@ -92,8 +93,33 @@ def publish(result: Path, target: Path) -> Path:
     return target
 
 
+# The paper's tables, at demo scale: rows are checkpoints, the first row the baseline.
+SECTIONS = (
+    Section(title="Table II shape: in-domain WER per language", sets=("test",),
+            checkpoints=("sft", "grpo"), relative=True),
+    Section(title="Table III shape: out-of-domain sets, Ins / Del / Sub and WER",
+            sets=("ood_noisy", "ood_farfield"), kind="breakdown", checkpoints=("sft", "grpo")),
+    Section(title="Table IV shape: domain adaptation (adaptation test set and what is forgotten "
+                  "in domain)", sets=("adapt_test", "test"),
+            checkpoints=("sft", "adapt_sft", "adapt_grpo"), relative=True),
+)
+CURVES = ("train/reward_mean", "train/sample_wer", "train/kl", "train/zero_std_share",
+          "dev/wer", "train/loss")
+
+
+def demo_evaluation(out: Path, checkpoints: dict[str, Path], sets: dict[str, Path]) -> Path:
+    from speechrl.evaluate import evaluate_checkpoints
+
+    metrics = {name: out / name / "metrics.jsonl" for name in ("sft", "grpo", "adapt_grpo")}
+    paths = evaluate_checkpoints(
+        checkpoints, sets, out, normalizer="whisper", sections=SECTIONS,
+        training_metrics={k: v for k, v in metrics.items() if v.exists()},
+        curve_keys=None, title="speechrl demo",
+    )
+    return paths.markdown
+
+
 def run_demo(out: str | Path, quick: bool = False) -> Path:
-    from speechrl.evaluate import run_demo_evaluation
     from speechrl.synth import synthesize_corpus
 
     out = Path(out)
@@ -115,6 +141,6 @@ def run_demo(out: str | Path, quick: bool = False) -> Path:
             continue
         result = run_stage(name, command, o[name], ckpt / name)
         publish(result, ckpt / name)
-    return run_demo_evaluation(out, checkpoints={n: ckpt / n for n in
-                                                  ("sft", "grpo", "adapt_sft", "adapt_grpo")},
-                               sets={s: out / "data" / f"{s}.jsonl" for s in EVAL_SETS})
+    return demo_evaluation(out, checkpoints={n: ckpt / n for n in
+                                              ("sft", "grpo", "adapt_sft", "adapt_grpo")},
+                           sets={s: out / "data" / f"{s}.jsonl" for s in EVAL_SETS})

@@ -45,6 +45,7 @@ CONFORMER_CONFIG_FIELDS = (
     "n_heads",
     "ff_mult",
     "conv_kernel",
+    "subsampling_channels",
     "dropout",
 )
 
@@ -252,16 +253,19 @@ class Conv2dSubsampling(nn.Module):
 
     MIN_FRAMES = 7  # shortest input giving one output frame
 
-    def __init__(self, n_mels: int, d_model: int) -> None:
+    def __init__(self, n_mels: int, d_model: int, channels: int | None = None) -> None:
         super().__init__()
+        # The second convolution runs at 20 ms over every mel band: with d_model channels it
+        # costs more than the conformer blocks, so small (CPU) models use fewer channels.
+        channels = channels or d_model
         self.conv = nn.Sequential(
-            nn.Conv2d(1, d_model, 3, stride=2),
+            nn.Conv2d(1, channels, 3, stride=2),
             nn.ReLU(),
-            nn.Conv2d(d_model, d_model, 3, stride=2),
+            nn.Conv2d(channels, channels, 3, stride=2),
             nn.ReLU(),
         )
         freq = ((n_mels - 1) // 2 - 1) // 2
-        self.out = nn.Linear(d_model * freq, d_model)
+        self.out = nn.Linear(channels * freq, d_model)
 
     @staticmethod
     def output_lengths(lengths: torch.Tensor) -> torch.Tensor:
@@ -295,7 +299,7 @@ class ConformerEncoder(SpeechEncoder):
         # The architecture alone: what save_pretrained records and from_pretrained rebuilds.
         self.arch = {k: getattr(cfg, k) for k in CONFORMER_CONFIG_FIELDS}
         self.output_dim = d_model
-        self.subsampling = Conv2dSubsampling(cfg.n_mels, d_model)
+        self.subsampling = Conv2dSubsampling(cfg.n_mels, d_model, cfg.subsampling_channels)
         self.rope = RotaryPositions(d_model // n_heads)
         self.blocks = nn.ModuleList(
             ConformerBlock(d_model, n_heads, cfg.ff_mult, cfg.conv_kernel, cfg.dropout)
@@ -362,7 +366,7 @@ class ConformerEncoder(SpeechEncoder):
                 f"{config_file} is not a speechrl conformer (model_type "
                 f"{config.get('model_type')!r}); for a Hugging Face encoder set encoder.kind"
             )
-        arch = {k: config[k] for k in CONFORMER_CONFIG_FIELDS}
+        arch = {k: config[k] for k in CONFORMER_CONFIG_FIELDS if k in config}
         encoder = cls(
             EncoderConfig(kind="conformer", layers=tuple(layers) if layers else None, **arch)
         )
