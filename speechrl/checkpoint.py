@@ -71,18 +71,32 @@ def save_checkpoint(
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"cannot save a checkpoint to {path}: it is a file")
+    with atomic_directory(path) as tmp:
+        write_checkpoint(model, tmp, trainer_state=trainer_state,
+                         optimizer_state=optimizer_state)
+    return path
+
+
+def write_checkpoint(
+    model: SpeechLLM,
+    folder: Path,
+    *,
+    trainer_state: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """The checkpoint's files into an existing (temporary) ``folder``; ``state_dict`` replaces
+    the model's own weights (the full weights gathered from an FSDP2-sharded model)."""
     if trainer_state is not None:
         try:
             trainer_state_text = json.dumps(trainer_state, indent=2)
         except TypeError as err:
             raise TypeError(f"trainer_state must be JSON-serialisable: {err}") from err
-    with atomic_directory(path) as tmp:
-        write_model(model, tmp)
-        if trainer_state is not None:
-            (tmp / TRAINER_STATE).write_text(trainer_state_text + "\n")
-        if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / OPTIMIZER)
-    return path
+    write_model(model, folder, state_dict=state_dict)
+    if trainer_state is not None:
+        (folder / TRAINER_STATE).write_text(trainer_state_text + "\n")
+    if optimizer_state is not None:
+        torch.save(optimizer_state, folder / OPTIMIZER)
 
 
 @contextlib.contextmanager
@@ -101,8 +115,10 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_model(model: SpeechLLM, folder: Path) -> None:
-    """The model's files (everything but the training state) into an existing ``folder``."""
+def write_model(model: SpeechLLM, folder: Path,
+                state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """The model's files (everything but the training state) into an existing ``folder``;
+    ``state_dict`` (every weight once, plain tensors) replaces the model's own when given."""
     manifest = {
         "format": FORMAT_VERSION,
         "model": to_dict(model.config),
@@ -124,8 +140,12 @@ def write_model(model: SpeechLLM, folder: Path) -> None:
     _base_llm(model).config.save_pretrained(str(folder / LLM_DIR))
     model.encoder.save_config(folder / ENCODER_DIR)
     model.tokenizer.save_pretrained(folder / TOKENIZER_DIR)
-    # save_model drops the duplicate names of tied tensors (embeddings shared with lm_head).
-    safetensors.torch.save_model(model, str(folder / WEIGHTS), force_contiguous=True)
+    if state_dict is None:
+        # save_model drops the duplicate names of tied tensors (embeddings shared with lm_head).
+        safetensors.torch.save_model(model, str(folder / WEIGHTS), force_contiguous=True)
+    else:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()},
+                                    str(folder / WEIGHTS))
 
 
 def _base_llm(model: SpeechLLM) -> torch.nn.Module:

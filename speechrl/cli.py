@@ -10,6 +10,8 @@
     speechrl demo    [--out DIR] [--quick]
 
 Stage modules are imported only when their command runs, so ``speechrl --help`` stays fast.
+The training stages and ``eval`` also run under ``torchrun --nproc_per_node N -m speechrl.cli``
+(or ``torchrun ... $(which speechrl)``): every rank runs the command on its share of the data.
 """
 
 from __future__ import annotations
@@ -57,6 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from speechrl import distributed
+
+    try:
+        return run_command(args)
+    finally:
+        # Under torchrun the stage joined the process group; leave it once the command is done.
+        distributed.teardown()
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run one parsed command; under torchrun every rank runs it, rank 0 prints the result."""
+    from speechrl.distributed import is_main
+
     command = args.command
 
     if command == "synth":
@@ -77,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from speechrl.train.grpo import train_grpo as run
         out = run(cfg)
-        print(f"{command} done: {out}")
+        if is_main():
+            print(f"{command} done: {out}")
         return 0
 
     if command == "eval":

@@ -86,7 +86,9 @@ class DataConfig:
     # "fbank": 80-bin log-mel for the built-in encoder; "whisper": Whisper log-mel;
     # "waveform": raw samples for HuBERT / WavLM / wav2vec2. Derived from the encoder if None.
     features: str | None = None
-    max_duration: float = 60.0  # seconds of audio per batch (sum over utterances)
+    # Seconds of audio per batch (sum over utterances) on EACH rank under torchrun: the global
+    # batch is world_size times larger. (train.batch_size, when set, is global instead.)
+    max_duration: float = 60.0
     max_utterance_duration: float = 30.0  # longer rows are skipped and counted
     duration_tolerance: float = 0.5  # seconds a manifest duration may differ from the audio
     num_buckets: int = 8
@@ -117,13 +119,18 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
     grad_accum: int = 1
-    batch_size: int | None = None  # utterances per step; None: batches by data.max_duration
+    # Utterances (GRPO: audios) per batch over ALL ranks (a step takes grad_accum batches); each
+    # of N ranks takes batch_size / N (must divide). None: batches by data.max_duration.
+    batch_size: int | None = None
     log_every: int = 10
     eval_every: int = 200  # dev loss and greedy dev WER; the best checkpoint is kept by dev WER
     save_every: int = 200  # resumable checkpoint
     dev_utterances: int | None = 200  # cap on dev utterances decoded at each evaluation
     max_nonfinite_steps: int = 5  # stop (with a checkpoint) after this many skipped steps in a row
     resume: bool = True  # continue from output_dir/last when it exists
+    # Under torchrun: "ddp" (every rank holds the model) or "fsdp2" (parameters, gradients and
+    # optimizer state sharded with fully_shard, for models that do not fit one device).
+    parallel: str = "ddp"
 
 
 @dataclass(frozen=True)

@@ -538,8 +538,11 @@ class DurationBatchSampler:
 
     Training: utterances are split into ``num_buckets`` equal-count duration buckets, each
     bucket is shuffled and cut into batches, and the batches are shuffled, all from
-    (seed, epoch); rank r takes batches r, r + W, ... of a list cut to a multiple of W, so
-    every rank runs the same number of steps. Evaluation: longest first (a memory problem
+    (seed, epoch). With W ranks, duration batches are dealt out (rank r takes batches r, r + W,
+    ... of a list cut to a multiple of W, so every rank runs the same number of steps);
+    fixed-size batches are cut W times larger and rank r takes the r-th slice of each, so the
+    utterances of a step are the same whatever W (bar bucket remainders of fewer than W
+    utterances, which W ranks cannot share and drop). Evaluation: longest first (a memory problem
     shows at once), no shuffling, nothing dropped (ranks may differ by one batch).
 
     The position inside the epoch is part of :meth:`state_dict`, so a run resumed from a
@@ -635,23 +638,31 @@ class DurationBatchSampler:
     def _make_batches(self) -> list[list[int]]:
         if not self.training:
             order = np.argsort(-self.durations, kind="stable")
-            return self._pack(order)[self.rank :: self.world_size]
+            return self._pack(order, self.batch_size)[self.rank :: self.world_size]
         rng = np.random.default_rng([self.seed, self.epoch])
         order = np.argsort(self.durations, kind="stable")
+        # Fixed-size batches are cut at the global size (batch_size per rank x world size) and
+        # each rank takes its slice, so a step's utterances do not depend on the number of ranks.
+        size = None if self.batch_size is None else self.batch_size * self.world_size
         batches: list[list[int]] = []
         for bucket in np.array_split(order, min(self.num_buckets, max(len(order), 1))):
-            batches += self._pack(rng.permutation(bucket))
+            batches += self._pack(rng.permutation(bucket), size)
         batches = [batches[i] for i in rng.permutation(len(batches))]
-        usable = len(batches) // self.world_size * self.world_size
-        if usable == 0:
+        if self.batch_size is not None:
+            mine = [np.array_split(b, self.world_size)[self.rank].tolist()
+                    for b in batches if len(b) >= self.world_size]
+        else:
+            usable = len(batches) // self.world_size * self.world_size
+            mine = batches[self.rank : usable : self.world_size]
+        if not mine:
             raise ValueError(f"{len(batches)} batch(es) of data for {self.world_size} ranks: "
                              "lower max_duration / batch_size or add data")
-        return batches[self.rank : usable : self.world_size]
+        return mine
 
-    def _pack(self, indices: np.ndarray) -> list[list[int]]:
-        if self.batch_size is not None:
-            return [indices[i : i + self.batch_size].tolist()
-                    for i in range(0, len(indices), self.batch_size)]
+    def _pack(self, indices: np.ndarray, batch_size: int | None) -> list[list[int]]:
+        if batch_size is not None:
+            return [indices[i : i + batch_size].tolist()
+                    for i in range(0, len(indices), batch_size)]
         batches, current, total = [], [], 0.0
         for i in indices.tolist():
             if current and total + self.durations[i] > self.max_duration:

@@ -5,6 +5,9 @@
 
 Greedy decoding is the paper's evaluation; the first checkpoint named is the baseline of every
 relative WER change in the report. Scoring and the report itself live in ``speechrl.report``.
+
+Under torchrun each rank decodes every W-th batch of a set; the hypotheses are gathered back in
+the order one process decodes them, and rank 0 writes the same report one process would.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from speechrl import distributed
 from speechrl.report import Hypothesis, ReportPaths, Section, write_report
 
 
@@ -20,7 +24,9 @@ def decode_manifest(model, manifest: str | Path, *, options, device, data_cfg=No
                     desc: str = "") -> list[Hypothesis]:
     """Decode every readable utterance of a manifest (sorted by length, batched by duration).
 
-    Rows that cannot be read are skipped and counted by the loader, never fatal.
+    Rows that cannot be read are skipped and counted by the loader, never fatal. Under torchrun
+    every rank decodes its batches and every rank returns all the records, in one process's
+    order.
     """
     import torch
     from tqdm.auto import tqdm
@@ -31,22 +37,26 @@ def decode_manifest(model, manifest: str | Path, *, options, device, data_cfg=No
 
     data_cfg = data_cfg or DataConfig()
     loader = make_dataloader([str(manifest)], data_cfg, features=model.encoder.input_kind,
-                             training=False)
-    records: list[Hypothesis] = []
+                             training=False, rank=distributed.rank(),
+                             world_size=distributed.world_size())
+    batches: list[list[Hypothesis]] = []
     model.eval()
     with torch.no_grad(), tqdm(total=len(loader), desc=desc or str(manifest),
-                               dynamic_ncols=True, mininterval=2.0) as bar:
+                               dynamic_ncols=True, mininterval=2.0,
+                               disable=not distributed.is_main()) as bar:
         for batch in loader:
             batch = batch.to(device)
             result = generate(model, batch.inputs, batch.input_lengths, options,
                               durations=batch.durations)
             G = options.num_return_sequences
-            for i, utt_id in enumerate(batch.ids):
-                records.append(Hypothesis(id=utt_id, ref=batch.texts[i], hyp=result.texts[i * G],
-                                          language=batch.languages[i],
-                                          domain=batch.domains[i] if batch.domains else None))
+            batches.append([
+                Hypothesis(id=utt_id, ref=batch.texts[i], hyp=result.texts[i * G],
+                           language=batch.languages[i],
+                           domain=batch.domains[i] if batch.domains else None)
+                for i, utt_id in enumerate(batch.ids)])
             bar.update(1)
-    return records
+    # Rank r decoded batches r, r + W, ...: dealing them back restores one process's order.
+    return distributed.interleave(distributed.all_gather_objects(batches))
 
 
 def decoding_options(beam: int = 0, max_new_tokens: int = 128, tokens_per_second: float = 8.0):
@@ -68,11 +78,12 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
                          curve_keys: Sequence[str] | None = None,
                          title: str = "speechrl evaluation") -> ReportPaths:
     """Decode each set with each checkpoint and write the report; the first checkpoint is the
-    baseline of the relative WER changes."""
+    baseline of the relative WER changes. Under torchrun the ranks share the decoding and rank
+    0 writes the report; every rank returns its paths."""
     from speechrl.checkpoint import load_model
-    from speechrl.train.common import resolve_device, say
+    from speechrl.train.common import say
 
-    dev = resolve_device(device)
+    dev = distributed.setup(device).device
     options = decoding_options(beam, max_new_tokens)
     results: dict[str, dict[str, list[Hypothesis]]] = {}
     for name, path in checkpoints.items():
@@ -81,11 +92,14 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
                                                    desc=f"{name} / {set_name}")
                          for set_name, manifest in sets.items()}
         del model
-    paths = write_report(out_dir, results, normalizer=normalizer, title=title,
-                         training_metrics=training_metrics, sections=sections,
-                         curve_keys=curve_keys)
-    say(f"report: {paths.markdown}")
-    return paths
+    paths = None
+    if distributed.is_main():
+        paths = write_report(out_dir, results, normalizer=normalizer, title=title,
+                             training_metrics=training_metrics, sections=sections,
+                             curve_keys=curve_keys)
+        say(f"report: {paths.markdown}")
+    # The other ranks wait for the report, so none reads it (or exits) before it exists.
+    return distributed.broadcast_object(paths)
 
 
 # --------------------------------------------------------------------------- command line
@@ -129,7 +143,8 @@ def eval_main(args) -> int:
                                  normalizer=args.normalizer, beam=args.beam, device=args.device,
                                  max_new_tokens=args.max_new_tokens,
                                  training_metrics=_named(args.metrics) or None)
-    print(f"eval done: {paths.markdown}")
+    if distributed.is_main():
+        print(f"eval done: {paths.markdown}")
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -142,13 +143,24 @@ def filter_logits(logits: Tensor, options: DecodingOptions) -> Tensor:
 
 
 def sample_next_token(logits: Tensor, options: DecodingOptions,
-                      generator: torch.Generator | None = None) -> Tensor:
+                      generator: torch.Generator | None = None,
+                      uniform: Tensor | None = None) -> Tensor:
     """Pick one token per row from (R, V) logits: argmax for "greedy", else a draw from the
-    filtered distribution. Returns (R,) ids."""
+    filtered distribution. Returns (R,) ids.
+
+    ``uniform`` (R,) in [0, 1) makes the draw of row r the token where the cumulative
+    probability first exceeds uniform[r] (inverse CDF): each row's randomness is then its own,
+    whatever the batch it sits in. Otherwise torch.multinomial draws from ``generator``."""
     if options.strategy == "greedy":
         return logits.argmax(dim=-1)
     probs = filter_logits(logits.float(), options).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if uniform is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.cumsum(dim=-1)  # (R, V)
+    # Scaled by the row's total (float sums fall short of 1), so the draw always lands on a
+    # token of non-zero probability: side="right" skips the flat stretches of filtered tokens.
+    target = uniform.to(cdf)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
 def max_tokens_for_duration(durations: Tensor, tokens_per_second: float, floor: int,
@@ -231,12 +243,31 @@ def _check_every(options: DecodingOptions, device: torch.device) -> int:
 # --------------------------------------------------------------------------- greedy / sampling
 
 
+def _prompt_uniforms(generators: Sequence[torch.Generator], caps: Tensor, steps: int) -> Tensor:
+    """(R, steps) uniforms for R = B*G rows, prompt b's G rows drawn from generators[b] alone:
+    (cap_b, G) values, step-major, so they depend on the prompt's own cap only, never on the
+    batch. Steps past a row's cap are never used (zero)."""
+    G = len(caps) // len(generators)
+    if G * len(generators) != len(caps):
+        raise ValueError(f"{len(generators)} generators for {len(caps)} rows: give one per prompt")
+    out = torch.zeros(len(caps), steps)
+    for b, gen in enumerate(generators):
+        cap = int(caps[b * G])
+        out[b * G : (b + 1) * G, :cap] = torch.rand(cap, G, generator=gen).T
+    return out
+
+
 def _decode_rows(lm: _CachedLM, logits: Tensor, caps: Tensor, options: DecodingOptions,
-                 eos_id: int, pad_id: int, generator: torch.Generator | None) -> DecodeResult:
+                 eos_id: int, pad_id: int,
+                 generator: torch.Generator | Sequence[torch.Generator] | None) -> DecodeResult:
     """Greedy or sampled decoding of R = B*G independent rows from their (R, V) first logits,
     each capped at caps (R,) new tokens. Done rows emit pad_id and are masked out."""
     rows, steps = logits.size(0), int(caps.max())
     device = logits.device
+    uniforms = None
+    if options.strategy == "sample" and isinstance(generator, Sequence):
+        uniforms = _prompt_uniforms(generator, caps, steps).to(device)  # (R, steps)
+        generator = None
     tokens = torch.full((rows, steps), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(rows, steps, dtype=torch.float32, device=device)
     mask = torch.zeros(rows, steps, dtype=torch.bool, device=device)
@@ -244,7 +275,8 @@ def _decode_rows(lm: _CachedLM, logits: Tensor, caps: Tensor, options: DecodingO
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     check_every = _check_every(options, device)
     for t in range(steps):
-        token = sample_next_token(logits, options, generator)
+        token = sample_next_token(logits, options, generator,
+                                  None if uniforms is None else uniforms[:, t])
         # The policy's own log-prob of the token: raw logits, no temperature or filter.
         logp = logits.float().log_softmax(dim=-1).gather(-1, token[:, None]).squeeze(-1)
         token = token.masked_fill(done, pad_id)
@@ -395,11 +427,14 @@ def _check_inputs(inputs_embeds: Tensor, attention_mask: Tensor,
 @torch.no_grad()
 def decode(llm: torch.nn.Module, inputs_embeds: Tensor, attention_mask: Tensor, *, eos_id: int,
            pad_id: int, options: DecodingOptions, max_new_tokens: Tensor | None = None,
-           generator: torch.Generator | None = None) -> DecodeResult:
+           generator: torch.Generator | Sequence[torch.Generator] | None = None) -> DecodeResult:
     """Decode G = options.num_return_sequences candidates per prompt with a KV cache.
 
     inputs_embeds (B, L, D) left-padded prompt embeddings, attention_mask (B, L);
     max_new_tokens (B,) optional per-prompt caps, combined with options.max_new_tokens.
+    ``generator``: one for the batch, or one per prompt (B of them): then a prompt's candidates
+    depend only on its own generator, not on the batch it is decoded in (GRPO under torchrun,
+    where ranks split a step's audios).
     Each prompt is prefilled once; its cache is then repeated G (or num_beams) times.
     The model's train/eval mode is left as it is: call ``llm.eval()`` to decode without dropout.
     """
@@ -429,7 +464,8 @@ def decode(llm: torch.nn.Module, inputs_embeds: Tensor, attention_mask: Tensor, 
 
 def generate(model, inputs: Tensor, lengths: Tensor, options: DecodingOptions, *,
              durations: Tensor | None = None, max_new_tokens: Tensor | None = None,
-             generator: torch.Generator | None = None) -> DecodeResult:
+             generator: torch.Generator | Sequence[torch.Generator] | None = None
+             ) -> DecodeResult:
     """Transcribe a batch with the speech model: encode, build the inference prompt, decode.
 
     ``model`` provides encode_speech(inputs, lengths), inference_prompt(speech, speech_lengths)

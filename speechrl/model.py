@@ -272,9 +272,15 @@ class SpeechLLM(nn.Module):
         lengths: torch.Tensor,
         targets: torch.Tensor,
         target_mask: torch.Tensor,
+        group_size: int = 1,
     ) -> torch.Tensor:
-        """Audio inputs to target logits (B, T, V): the path a DDP-wrapped trainer calls."""
+        """Audio inputs to target logits (B*G, T, V): the path a DDP- or FSDP-wrapped trainer
+        calls. targets and target_mask (B*G, T) hold G = ``group_size`` candidates per audio,
+        audio-major (GRPO); each audio is encoded once and its speech repeated G times."""
         speech, speech_lengths = self.encode_speech(inputs, lengths)
+        if group_size > 1:
+            speech = speech.repeat_interleave(group_size, dim=0)
+            speech_lengths = speech_lengths.repeat_interleave(group_size, dim=0)
         return self.target_logits(speech, speech_lengths, targets, target_mask)
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -2,7 +2,9 @@
 bookkeeping, metrics logging, and the resumable state.
 
 Each stage (``lm.py``, ``ctc.py``, ``sft.py``, ``grpo.py``) keeps its own explicit loop and calls
-these helpers; nothing here owns a loop.
+these helpers; nothing here owns a loop. Under torchrun every rank runs the same loop: only rank
+0 logs, shows progress and writes files, and every rank calls the checkpoint helpers (FSDP2
+gathers weights and writes optimizer shards from all ranks).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from speechrl import distributed
 from speechrl.config import RunConfig, TrainConfig, to_dict
+from speechrl.distributed import World
 
 # --------------------------------------------------------------------------- device, precision
 
@@ -81,11 +85,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
 
 
 def clip_and_check(model: torch.nn.Module, max_norm: float) -> tuple[float, bool]:
-    """Clip gradients; return (grad norm, finite). A non-finite norm means the step is skipped."""
+    """Clip gradients; return (grad norm, finite). A non-finite norm means the step is skipped.
+
+    Under DDP the gradients are already averaged, so every rank finds the same norm; under
+    FSDP2 each rank holds a shard and the norm is reduced over ranks (a DTensor)."""
     params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
+    if not params and not distributed.is_sharded(model):
         return 0.0, True
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
     norm = float(norm)
     return norm, math.isfinite(norm)
 
@@ -184,10 +193,10 @@ class MetricsLogger:
     """Metrics as JSONL (``metrics.jsonl``) and TensorBoard events, and a short console line."""
 
     def __init__(self, output_dir: Path, enabled: bool = True):
-        self.enabled = enabled
+        self.enabled = enabled and distributed.is_main()
         self.path = Path(output_dir) / "metrics.jsonl"
         self._tb = None
-        if enabled:
+        if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -227,8 +236,9 @@ def write_run_config(cfg: RunConfig, output_dir: Path, stage: str) -> None:
 
 
 def say(message: str) -> None:
-    """One line for the person at the terminal (stderr keeps stdout for results)."""
-    print(message, file=sys.stderr, flush=True)
+    """One line for the person at the terminal (stderr keeps stdout for results); rank 0 only."""
+    if distributed.is_main():
+        print(message, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- runs
@@ -243,7 +253,11 @@ class Run:
     output_dir: Path
     device: torch.device
     logger: MetricsLogger
-    is_main: bool = True
+    world: World = field(default_factory=World)
+
+    @property
+    def is_main(self) -> bool:
+        return self.world.is_main
 
     @property
     def last_dir(self) -> Path:
@@ -255,11 +269,27 @@ class Run:
 
 
 def start_run(cfg: RunConfig, stage: str) -> Run:
+    """Join the ranks (under torchrun), seed, and open the output folder (rank 0 writes)."""
+    if cfg.train.parallel not in distributed.STRATEGIES:
+        raise ValueError(f"unknown train.parallel {cfg.train.parallel!r}; one of "
+                         f"{', '.join(distributed.STRATEGIES)}")
+    world = distributed.setup(cfg.train.device)
     output_dir = Path(cfg.train.output_dir)
-    write_run_config(cfg, output_dir, stage)
+    if world.is_main:
+        write_run_config(cfg, output_dir, stage)
+    if world.is_distributed:
+        say(f"{stage}: {world.world_size} ranks, {cfg.train.parallel}, {world.device.type}")
+    # The same seed on every rank: FSDP2 shards each rank's own copy of the initial weights, so
+    # they must agree (DDP would broadcast rank 0's anyway).
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
-    return Run(cfg, stage, output_dir, device, MetricsLogger(output_dir))
+    return Run(cfg, stage, output_dir, world.device, MetricsLogger(output_dir), world)
+
+
+def local_batch_size(cfg: TrainConfig) -> int | None:
+    """This rank's share of the global ``train.batch_size`` (None: batches by duration)."""
+    if cfg.batch_size is None:
+        return None
+    return distributed.per_rank(cfg.batch_size, "train.batch_size")
 
 
 def encode_targets(tokenizer, texts: list[str],
@@ -274,40 +304,110 @@ def encode_targets(tokenizer, texts: list[str],
 def progress(total: int, initial: int, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=2.0)
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=2.0,
+                disable=not distributed.is_main())
 
 
 # --------------------------------------------------------------------------- checkpoints
 
+# Under FSDP2 the optimizer moments stay sharded: each rank writes its part here with
+# torch.distributed.checkpoint, and any number of ranks can read them back.
+SHARDED_OPTIMIZER = "optimizer_shards"
 
-def save_training_checkpoint(run: Run, model, optimizer, scheduler, state: TrainerState,
-                             path: Path | None = None) -> Path:
-    """Weights, optimizer, scheduler, RNG and data position: everything a resume needs."""
-    from speechrl.checkpoint import save_checkpoint
 
-    path = path or run.last_dir
-    tensors = capture_rng(state)
-    optimizer_state = {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        **tensors,
-    }
-    save_checkpoint(model, path, trainer_state=state.to_json(), optimizer_state=optimizer_state)
+def training_payload(model, optimizer, scheduler, state: TrainerState) -> dict[str, Any]:
+    """What ``optimizer.pt`` holds: the schedule, the RNG states and, unless FSDP2 shards it,
+    the optimizer state."""
+    payload = {"scheduler": scheduler.state_dict(), **capture_rng(state)}
+    if not distributed.is_sharded(model):
+        payload["optimizer"] = optimizer.state_dict()
+    return payload
+
+
+def save_optimizer_shards(model, optimizer, folder: Path) -> None:
+    """FSDP2 only (a no-op otherwise): every rank writes its optimizer shard into ``folder``."""
+    if distributed.is_sharded(model):
+        distributed.save_sharded_optimizer(model, optimizer, folder / SHARDED_OPTIMIZER)
+
+
+def restore_optimizer(model, optimizer, folder: Path, payload: dict[str, Any]) -> None:
+    """Load the optimizer state saved by :func:`training_payload` / :func:`save_optimizer_shards`
+    (whatever the number of ranks then and now)."""
+    shards = folder / SHARDED_OPTIMIZER
+    if shards.is_dir():  # FSDP2's shards load into any number of ranks, sharded or not
+        distributed.load_sharded_optimizer(model, optimizer, shards)
+    elif distributed.is_sharded(model):
+        raise ValueError(f"{folder} was saved by a DDP or one-process run, whose optimizer state "
+                         "cannot be sharded on load; resume it with train.parallel=ddp")
+    else:
+        optimizer.load_state_dict(payload["optimizer"])
+
+
+def save_speech_checkpoint(model, path: Path, *, trainer_state: dict[str, Any] | None = None,
+                           optimizer=None, scheduler=None,
+                           state: TrainerState | None = None) -> Path:
+    """A speechrl checkpoint folder of a (possibly wrapped) speech-LLM, written once. Every rank
+    calls it: rank 0 writes the files; under FSDP2 all ranks first gather the weights and write
+    their optimizer shards."""
+    from speechrl.checkpoint import write_checkpoint
+
+    weights = distributed.full_state_dict(model) if distributed.is_sharded(model) else None
+    payload = None
+    if optimizer is not None:
+        payload = training_payload(model, optimizer, scheduler, state)
+    with distributed.shared_atomic_directory(path) as tmp:
+        if optimizer is not None:
+            save_optimizer_shards(model, optimizer, tmp)
+        if distributed.is_main():
+            write_checkpoint(distributed.unwrap(model), tmp, trainer_state=trainer_state,
+                             optimizer_state=payload, state_dict=weights)
     return path
 
 
-def maybe_resume(run: Run, model, optimizer, scheduler) -> TrainerState:
-    """Continue from ``output_dir/last`` when it exists (and ``train.resume``), else start fresh."""
-    from speechrl.checkpoint import load_training_state, load_weights
+def save_training_checkpoint(run: Run, model, optimizer, scheduler, state: TrainerState,
+                             path: Path | None = None) -> Path:
+    """Weights, optimizer, scheduler, RNG and data position: everything a resume needs.
 
+    The data position is rank 0's; a resume on another number of ranks starts the epoch's
+    batches over in the new split (the sampler warns), the rest carries over exactly."""
+    return save_speech_checkpoint(model, path or run.last_dir, trainer_state=state.to_json(),
+                                  optimizer=optimizer, scheduler=scheduler, state=state)
+
+
+def resume_folder(run: Run) -> Path | None:
+    """``output_dir/last`` when it can be resumed (and ``train.resume``), else None."""
     last = run.last_dir
-    if not (run.cfg.train.resume and (last / "trainer_state.json").exists()):
+    if run.cfg.train.resume and (last / "trainer_state.json").exists():
+        return last
+    return None
+
+
+def prepare_model(run: Run, model):
+    """The resumed weights (if any) into the plain model, then the wrapping for the ranks
+    (``train.parallel``): the module the loop trains. Build the optimizer after this."""
+    from speechrl.checkpoint import load_weights
+
+    last = resume_folder(run)
+    if last is not None:
+        load_weights(model, last)
+    return distributed.wrap_model(model, run.world, run.cfg.train.parallel)
+
+
+def maybe_resume(run: Run, model, optimizer, scheduler) -> TrainerState:
+    """Continue from ``output_dir/last`` when it exists (and ``train.resume``), else start fresh:
+    optimizer, schedule, data position and RNG (the weights came in :func:`prepare_model`)."""
+    from speechrl.checkpoint import load_training_state
+
+    last = resume_folder(run)
+    if last is None:
         return TrainerState()
-    load_weights(model, last)
-    trainer_state, optimizer_state = load_training_state(last)
-    optimizer.load_state_dict(optimizer_state["optimizer"])
-    scheduler.load_state_dict(optimizer_state["scheduler"])
+    trainer_state, payload = load_training_state(last)
+    if payload is None:
+        raise ValueError(f"{last} has no optimizer.pt: it cannot be resumed; set "
+                         "train.resume=false or another output_dir")
+    restore_optimizer(model, optimizer, last, payload)
+    scheduler.load_state_dict(payload["scheduler"])
     state = TrainerState.from_json(trainer_state)
-    restore_rng(state, optimizer_state)
+    restore_rng(state, payload)
     say(f"resuming {run.stage} from {last} at step {state.step}")
     return state

@@ -4,18 +4,25 @@ On a real set-up the encoder comes pre-trained (Whisper, HuBERT, WavLM, wav2vec2
 stage is skipped. Here it trains the built-in Conformer from scratch with a linear CTC head over
 the corpus's characters, and writes ``output_dir/encoder`` — the encoder alone, which SFT and GRPO
 load frozen with ``model.encoder.path`` — plus ``output_dir/ctc_head`` for inspection.
+
+Under torchrun each rank takes its share of the batches; each utterance's CTC loss, divided by
+its target length (as ``reduction="mean"`` does), is summed and divided by the batch's utterance
+count over all ranks, so the update equals one process's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
+from speechrl import distributed
 from speechrl.config import RunConfig
 from speechrl.train.common import (
     Run,
@@ -23,13 +30,17 @@ from speechrl.train.common import (
     autocast,
     build_optimizer,
     build_scheduler,
-    capture_rng,
     clip_and_check,
     endless_batches,
+    local_batch_size,
     progress,
+    restore_optimizer,
     restore_rng,
+    resume_folder,
+    save_optimizer_shards,
     say,
     start_run,
+    training_payload,
 )
 
 BLANK = 0
@@ -99,15 +110,22 @@ def train_ctc(cfg: RunConfig) -> Path:
     vocab = CharVocabulary.from_texts(corpus_texts(cfg.data.train), cfg.ctc.min_char_count)
     # Trained here, frozen in the later stages (which load it with freeze=true).
     encoder = ConformerEncoder(dataclasses.replace(cfg.model.encoder, freeze=False, path=None))
-    model = CTCModel(encoder, len(vocab)).to(run.device)
+    plain = CTCModel(encoder, len(vocab)).to(run.device)
     say(f"pretrain-encoder: {len(vocab)} CTC symbols, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+        f"{sum(p.numel() for p in plain.parameters()) / 1e6:.1f}M parameters")
+    rank, size = run.world.rank, run.world.world_size
     train_loader = make_dataloader(cfg.data.train, cfg.data, features="fbank", training=True,
-                                   seed=cfg.train.seed, batch_size=cfg.train.batch_size)
+                                   seed=cfg.train.seed, batch_size=local_batch_size(cfg.train),
+                                   rank=rank, world_size=size)
     dev_loader = None
     if cfg.data.dev:
         dev_loader = make_dataloader(cfg.data.dev, cfg.data, features="fbank", training=False,
-                                     max_utterances=cfg.train.dev_utterances)
+                                     max_utterances=cfg.train.dev_utterances, rank=rank,
+                                     world_size=size)
+    last = resume_folder(run)
+    if last is not None:  # weights before wrapping: FSDP2 shards what each rank holds
+        plain.load_state_dict(load_file(str(last / "model.safetensors")))
+    model = distributed.wrap_model(plain, run.world, cfg.train.parallel)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     state = resume_ctc(run, model, optimizer, scheduler)
@@ -116,20 +134,22 @@ def train_ctc(cfg: RunConfig) -> Path:
     bar = progress(cfg.train.max_steps, state.step, "pretrain-encoder")
     while state.step < cfg.train.max_steps:
         batch = next(batches).to(run.device)
+        utterances = distributed.all_reduce_sum([len(batch)])[0]
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        loss = ctc_loss(model, batch, vocab, run)
-        loss.backward()
+        loss = ctc_loss(model, batch, vocab, run, num_utterances=utterances)
+        (loss * distributed.world_size()).backward()  # DDP / FSDP2 average over ranks
+        loss_value = distributed.all_reduce_sum([loss.item()])[0]
         grad_norm, finite = clip_and_check(model, cfg.train.grad_clip)
-        if finite and torch.isfinite(loss):
+        if finite and math.isfinite(loss_value):
             optimizer.step()
         scheduler.step()
         state.step += 1
         bar.update(1)
         if state.step % cfg.train.log_every == 0:
-            run.logger.log(state.step, {"loss": loss.item(), "grad_norm": grad_norm,
+            run.logger.log(state.step, {"loss": loss_value, "grad_norm": grad_norm,
                                         "lr": scheduler.get_last_lr()[0]}, prefix="train/")
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}")
         end = state.step == cfg.train.max_steps
         if dev_loader is not None and (state.step % cfg.train.eval_every == 0 or end):
             dev = ctc_dev(model, dev_loader, vocab, run)
@@ -143,22 +163,42 @@ def train_ctc(cfg: RunConfig) -> Path:
     return run.output_dir / "encoder"
 
 
-def ctc_loss(model: CTCModel, batch, vocab: CharVocabulary, run: Run) -> torch.Tensor:
+def ctc_loss(model: CTCModel, batch, vocab: CharVocabulary, run: Run,
+             num_utterances: float | None = None) -> torch.Tensor:
+    """Mean over utterances of the CTC loss divided by the target length (``reduction="mean"``
+    of F.ctc_loss); ``num_utterances`` replaces the batch's count (the count over ranks)."""
     targets = [torch.tensor(vocab.encode(t), dtype=torch.long) for t in batch.texts]
-    target_lengths = torch.tensor([len(t) for t in targets], dtype=torch.long)
+    target_lengths = torch.tensor([len(t) for t in targets], dtype=torch.long).to(run.device)
     with autocast(run.device, run.cfg.train.precision):
         log_probs, frame_lengths = model(batch.inputs, batch.input_lengths)
     # zero_infinity: an utterance with more characters than frames has no CTC path; it then
     # contributes nothing instead of an infinite loss.
-    return F.ctc_loss(log_probs.float().transpose(0, 1), torch.cat(targets).to(run.device),
-                      frame_lengths, target_lengths.to(run.device), blank=BLANK,
-                      reduction="mean", zero_infinity=True)
+    per_utterance = F.ctc_loss(log_probs.float().transpose(0, 1),
+                               torch.cat(targets).to(run.device), frame_lengths, target_lengths,
+                               blank=BLANK, reduction="none", zero_infinity=True)  # (B,)
+    normalised = (per_utterance / target_lengths.clamp(min=1)).sum()
+    return normalised / (num_utterances or max(len(targets), 1))
+
+
+def ctc_dev(model, loader, vocab: CharVocabulary, run: Run) -> dict[str, float]:
+    """Dev CTC loss (mean of the batches' losses) and greedy CER / WER; each rank scores its
+    dev batches, the loss sums are summed and the transcripts gathered over ranks."""
+    from speechrl.metrics import cer_counts, error_counts
+
+    with distributed.full_parameters(model) as plain:
+        losses, refs, hyps = _ctc_dev_shard(plain, loader, vocab, run)
+    loss_sum, batches = distributed.all_reduce_sum([sum(losses), len(losses)])
+    pairs = distributed.all_gather_objects((refs, hyps))
+    refs = [r for rank_refs, _ in pairs for r in rank_refs]
+    hyps = [h for _, rank_hyps in pairs for h in rank_hyps]
+    _, words = error_counts(refs, hyps)
+    _, chars = cer_counts(refs, hyps)
+    return {"loss": loss_sum / max(batches, 1), "wer": words.wer, "cer": chars.wer}
 
 
 @torch.no_grad()
-def ctc_dev(model: CTCModel, loader, vocab: CharVocabulary, run: Run) -> dict[str, float]:
-    from speechrl.metrics import cer_counts, error_counts
-
+def _ctc_dev_shard(model: CTCModel, loader, vocab: CharVocabulary,
+                   run: Run) -> tuple[list[float], list[str], list[str]]:
     model.eval()
     losses, refs, hyps = [], [], []
     for batch in loader:
@@ -167,37 +207,53 @@ def ctc_dev(model: CTCModel, loader, vocab: CharVocabulary, run: Run) -> dict[st
         log_probs, frame_lengths = model(batch.inputs, batch.input_lengths)
         hyps += [vocab.decode(ids) for ids in greedy_ctc(log_probs, frame_lengths)]
         refs += [t.lower() for t in batch.texts]
-    _, words = error_counts(refs, hyps)
-    _, chars = cer_counts(refs, hyps)
-    return {"loss": sum(losses) / max(len(losses), 1), "wer": words.wer, "cer": chars.wer}
+    return losses, refs, hyps
 
 
-def save_ctc(run: Run, model: CTCModel, vocab: CharVocabulary, optimizer, scheduler,
+def save_ctc(run: Run, model, vocab: CharVocabulary, optimizer, scheduler,
              state: TrainerState) -> None:
+    """``output_dir/encoder`` (the encoder alone) and ``output_dir/last`` (encoder and head,
+    vocabulary, optimizer, state), written atomically by rank 0; under FSDP2 every rank helps
+    gather the weights and writes its optimizer shard."""
     from safetensors.torch import save_file
 
-    from speechrl.checkpoint import atomic_directory
+    weights = distributed.full_state_dict(model)
+    payload = training_payload(model, optimizer, scheduler, state)
+    with distributed.shared_atomic_directory(run.output_dir / "encoder") as tmp:
+        if run.is_main:
+            plain_encoder(run, model, weights).save_pretrained(tmp)
+    with distributed.shared_atomic_directory(run.output_dir / "last") as tmp:
+        save_optimizer_shards(model, optimizer, tmp)
+        if run.is_main:
+            save_file({k: v.contiguous() for k, v in weights.items()},
+                      str(tmp / "model.safetensors"))
+            (tmp / "vocab.json").write_text(json.dumps(vocab.chars, ensure_ascii=False))
+            torch.save(payload, tmp / "optimizer.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps(state.to_json()))
 
-    with atomic_directory(run.output_dir / "encoder") as tmp:
-        model.encoder.save_pretrained(tmp)
-    with atomic_directory(run.output_dir / "last") as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  str(tmp / "model.safetensors"))
-        (tmp / "vocab.json").write_text(json.dumps(vocab.chars, ensure_ascii=False))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    **capture_rng(state)}, tmp / "optimizer.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state.to_json()))
+
+def plain_encoder(run: Run, model, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """The encoder as an ordinary module for saving: the model's own, or under FSDP2 (whose
+    modules hold shards) a fresh CPU copy filled with the gathered weights."""
+    from speechrl.encoders import ConformerEncoder
+
+    if not distributed.is_sharded(model):
+        return distributed.unwrap(model).encoder
+    cfg = dataclasses.replace(run.cfg.model.encoder, freeze=False, path=None)
+    encoder = ConformerEncoder(cfg)
+    encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in weights.items()
+                             if k.startswith("encoder.")})
+    return encoder
 
 
-def resume_ctc(run: Run, model: CTCModel, optimizer, scheduler) -> TrainerState:
-    from safetensors.torch import load_file
-
-    last = run.output_dir / "last"
-    if not (run.cfg.train.resume and (last / "trainer_state.json").exists()):
+def resume_ctc(run: Run, model, optimizer, scheduler) -> TrainerState:
+    """Optimizer, schedule, data position and RNG of ``output_dir/last`` (the weights were
+    loaded before wrapping), or a fresh state."""
+    last = resume_folder(run)
+    if last is None:
         return TrainerState()
-    model.load_state_dict(load_file(str(last / "model.safetensors")))
     extra = torch.load(last / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
+    restore_optimizer(model, optimizer, last, extra)
     scheduler.load_state_dict(extra["scheduler"])
     state = TrainerState.from_json(json.loads((last / "trainer_state.json").read_text()))
     restore_rng(state, extra)

@@ -26,17 +26,28 @@ overridden, e.g. ``grpo.algorithm=dapo grpo.beta=0.01``):
 With ``num_iterations == 1`` the old policy is the current one, so the ratio is exactly 1 and
 only its gradient matters; with more iterations the old log-probs come from a no-grad pass
 before the first update and are kept for the ratio.
+
+Under torchrun each rank draws its share of the step's audios and rolls out their groups (a
+group never spans ranks). The candidates of an audio are sampled from a generator seeded by
+(seed, step, utterance id), so they do not depend on which rank draws the audio. The counts
+that normalise the loss (tokens for token_mean, sequences otherwise) and the batch std of
+scale=batch are taken over all ranks, so the update equals one process's on the whole batch.
+Dynamic sampling refills until the ranks TOGETHER hold enough informative groups: every rank
+runs the same number of rounds. The reference model is never wrapped in DDP (it does not
+learn); FSDP2 shards it like the policy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import time
 from pathlib import Path
 
 import torch
 
+from speechrl import distributed
 from speechrl.config import GRPOConfig, RunConfig
 from speechrl.losses import PRESETS, group_advantages, informative_groups, policy_loss
 from speechrl.train.common import (
@@ -48,6 +59,7 @@ from speechrl.train.common import (
     clip_and_check,
     endless_batches,
     maybe_resume,
+    prepare_model,
     progress,
     save_training_checkpoint,
     start_run,
@@ -97,24 +109,26 @@ def train_grpo(cfg: RunConfig) -> Path:
     if not cfg.train.init:
         raise ValueError("GRPO starts from a trained model: set train.init=<SFT checkpoint>")
     run = start_run(cfg, "grpo")
-    policy = load_or_build_model(cfg, run.device)
+    plain = load_or_build_model(cfg, run.device)
     reference = None
     if grpo.beta > 0:  # with beta = 0 the reference model is not even loaded
         reference = load_or_build_model(cfg, run.device).eval().requires_grad_(False)
-    train_loader, dev_loader = speech_loaders(cfg, policy)
+        if run.world.is_distributed and cfg.train.parallel == "fsdp2":
+            reference = distributed.shard_model(reference)
+    train_loader, dev_loader = speech_loaders(cfg, plain, run.world.rank, run.world.world_size)
+    policy = prepare_model(run, plain)  # resumed weights, then DDP / FSDP2 wrapping
     optimizer = build_optimizer(policy, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     state = maybe_resume(run, policy, optimizer, scheduler)
     batches = endless_batches(train_loader, state)
     reward_fn = build_reward_fn(grpo)
-    generator = torch.Generator(device=run.device)
 
     bar = progress(cfg.train.max_steps, state.step, f"grpo ({grpo.algorithm})")
     while state.step < cfg.train.max_steps:
-        # A fresh generator state per step, derived from the seed and the step, keeps sampling
-        # reproducible across a resume without saving the generator.
-        generator.manual_seed(cfg.train.seed * 1_000_003 + state.step)
-        stats = grpo_step(run, policy, reference, optimizer, batches, reward_fn, generator, state)
+        # Sampling seeds derive from the seed and the step (and each audio's id), which keeps
+        # a resumed run exact without saving any generator.
+        step_seed = cfg.train.seed * 1_000_003 + state.step
+        stats = grpo_step(run, policy, reference, optimizer, batches, reward_fn, step_seed, state)
         scheduler.step()
         state.step += 1
         bar.update(1)
@@ -140,23 +154,25 @@ def build_reward_fn(grpo: GRPOConfig):
     return build_reward(grpo.reward, normalizer=grpo.normalizer)
 
 
-def grpo_step(run: Run, policy, reference, optimizer, batches, reward_fn, generator,
+def grpo_step(run: Run, policy, reference, optimizer, batches, reward_fn, step_seed: int,
               state: TrainerState) -> dict | None:
     grpo = run.cfg.grpo
     timer = StepTimer()
-    with timer("rollout_s"):
-        rollout, rollout_stats = collect_rollouts(run, policy, batches, reward_fn, generator, timer)
+    with timer("rollout_s"), distributed.full_parameters(policy) as plain:
+        rollout, rollout_stats = collect_rollouts(run, plain, batches, reward_fn, step_seed,
+                                                  timer)
     with timer("logprob_s"):
         if reference is not None:
             rollout.ref_logp = candidate_logprobs(run, reference, rollout)
         if grpo.num_iterations > 1:
             rollout.old_logp = candidate_logprobs(run, policy, rollout)
-    advantages = group_advantages(rollout.rewards, scale=grpo.scale).flatten()  # (B*G,)
+    advantages = step_advantages(rollout.rewards, grpo.scale).flatten()  # (B*G,)
+    counts = loss_counts(rollout.mask)
 
     stats: dict[str, float] = {}
     with timer("update_s"):
         for _ in range(grpo.num_iterations):
-            update = policy_update(run, policy, optimizer, rollout, advantages)
+            update = policy_update(run, policy, optimizer, rollout, advantages, counts)
             if update is None:
                 skip_nonfinite(run, state, optimizer)
                 return None
@@ -173,18 +189,21 @@ def grpo_step(run: Run, policy, reference, optimizer, batches, reward_fn, genera
 
 
 @torch.no_grad()
-def collect_rollouts(run: Run, policy, batches, reward_fn, generator,
+def collect_rollouts(run: Run, policy, batches, reward_fn, step_seed: int | None,
                      timer) -> tuple[Rollout, dict]:
     """Sample and score groups; DAPO's dynamic sampling drops groups whose rewards are all equal
-    (they carry no advantage) and draws more audios, at most ``max_refill_rounds`` times."""
+    (they carry no advantage) and draws more audios, at most ``max_refill_rounds`` times, until
+    the ranks together hold as many informative audios as they drew at first."""
     grpo = run.cfg.grpo
     parts: list[Rollout] = []
     kept = drawn = zero_std = 0
-    target = None
-    for round_ in range(1 + (grpo.max_refill_rounds if grpo.dynamic_sampling else 0)):
+    target = global_target = None
+    for _ in range(1 + (grpo.max_refill_rounds if grpo.dynamic_sampling else 0)):
         batch = next(batches).to(run.device)
-        target = target or len(batch.texts)
-        part = sample_groups(run, policy, batch, reward_fn, generator, timer)
+        if target is None:
+            target = len(batch.texts)
+            global_target = distributed.all_reduce_sum([target])[0]
+        part = sample_groups(run, policy, batch, reward_fn, step_seed, timer)
         informative = informative_groups(part.rewards)
         drawn += part.num_audios
         zero_std += int((~informative).sum())
@@ -192,30 +211,78 @@ def collect_rollouts(run: Run, policy, batches, reward_fn, generator,
             part = select_audios(part, informative.nonzero().flatten().tolist())
         parts.append(part)
         kept += part.num_audios
-        if kept >= target:
+        # Decided on the sum over ranks, so every rank runs the same number of rounds.
+        if not grpo.dynamic_sampling or distributed.all_reduce_sum([kept])[0] >= global_target:
             break
-        del round_
     rollout = concat_rollouts(parts, grpo.group_size)
-    if grpo.dynamic_sampling and rollout.num_audios > target:
-        rollout = select_audios(rollout, list(range(target)))
+    if grpo.dynamic_sampling:
+        rollout = select_audios(rollout, list(range(kept_share(kept, target))))
+    standin = False
     if rollout.num_audios == 0:  # every group was uninformative: the update is a no-op
         rollout = parts[-1] if parts[-1].num_audios else sample_groups(
-            run, policy, next(batches).to(run.device), reward_fn, generator, timer)
-    lengths = rollout.mask.sum(1).float()
-    stats = {
-        "reward_mean": rollout.rewards.mean().item(),
-        "reward_std": rollout.rewards.std().item() if rollout.rewards.numel() > 1 else 0.0,
-        "sample_wer": rollout.wers.mean().item(),
+            run, policy, next(batches).to(run.device), reward_fn, step_seed, timer)
+        # When other ranks hold informative groups, this rank's stand-in adds nothing to the
+        # loss, its normalisers or the figures (it still runs the update: the ranks' gradient
+        # all-reduce needs every rank).
+        standin = distributed.all_reduce_sum([kept])[0] > 0
+        if standin:
+            rollout.mask = torch.zeros_like(rollout.mask)
+    return rollout, rollout_stats(rollout, drawn, zero_std, counted=not standin)
+
+
+def kept_share(kept: int, target: int) -> int:
+    """How many of its ``kept`` informative audios this rank keeps: up to its own ``target``,
+    plus what other ranks lack, made up from the surplus of ranks in rank order. The ranks
+    together keep min(sum of kept, sum of targets) audios; one process keeps min(kept, target).
+    """
+    everyone = distributed.all_gather_objects((kept, target))
+    keep = [min(k, t) for k, t in everyone]
+    missing = sum(t for _, t in everyone) - sum(keep)
+    for r, (k, _) in enumerate(everyone):
+        extra = min(k - keep[r], missing)
+        keep[r] += extra
+        missing -= extra
+    return keep[distributed.rank()]
+
+
+def rollout_stats(rollout: Rollout, drawn: int, zero_std: int,
+                  counted: bool = True) -> dict[str, float]:
+    """Reward, WER, length and truncation figures of the step's rollouts over all ranks; a
+    rank's stand-in rollout (``counted=False``) adds nothing."""
+    r = rollout.rewards.double().flatten()  # (B*G,)
+    local = [r.numel(), r.sum().item(), (r * r).sum().item(), rollout.wers.sum().item(),
+             rollout.mask.sum().item(), (~rollout.finished).sum().item(), rollout.num_audios]
+    if not counted:
+        local = [0] * len(local)
+    n, r_sum, r_sq, wer_sum, len_sum, trunc_sum, audios, drawn, zero_std = (
+        distributed.all_reduce_sum([*local, drawn, zero_std]))
+    mean = r_sum / max(n, 1)
+    # Bessel's correction, as torch.std over the whole batch's rewards.
+    var = (r_sq - n * mean * mean) / (n - 1) if n > 1 else 0.0
+    return {
+        "reward_mean": mean,
+        "reward_std": max(var, 0.0) ** 0.5,
+        "sample_wer": wer_sum / max(n, 1),
         "zero_std_share": zero_std / max(drawn, 1),
-        "audios": float(rollout.num_audios),
-        "audios_drawn": float(drawn),
-        "candidate_len": lengths.mean().item(),
-        "truncated_share": (~rollout.finished).float().mean().item(),
+        "audios": audios,
+        "audios_drawn": drawn,
+        "candidate_len": len_sum / max(n, 1),
+        "truncated_share": trunc_sum / max(n, 1),
     }
-    return rollout, stats
 
 
-def sample_groups(run: Run, policy, batch, reward_fn, generator, timer) -> Rollout:
+def audio_generators(step_seed: int, ids: list[str]) -> list[torch.Generator]:
+    """One CPU generator per audio, seeded by the step and the utterance id: an audio's
+    candidates are the same whichever rank, and whichever batch, samples it."""
+    generators = []
+    for utt_id in ids:
+        digest = hashlib.blake2b(f"{step_seed}:{utt_id}".encode(), digest_size=8).digest()
+        generators.append(torch.Generator().manual_seed(int.from_bytes(digest, "little")))
+    return generators
+
+
+def sample_groups(run: Run, policy, batch, reward_fn, step_seed: int | None,
+                  timer) -> Rollout:
     from speechrl.generate import DecodingOptions, generate, max_tokens_for_duration
     from speechrl.metrics import error_counts
 
@@ -234,9 +301,10 @@ def sample_groups(run: Run, policy, batch, reward_fn, generator, timer) -> Rollo
     policy.eval()
     caps = max_tokens_for_duration(batch.durations, grpo.tokens_per_second, floor=8,
                                    cap=grpo.max_new_tokens)
+    generators = None if step_seed is None else audio_generators(step_seed, list(batch.ids))
     with autocast(run.device, run.cfg.train.precision):
         result = generate(policy, batch.inputs, batch.input_lengths, options,
-                          max_new_tokens=caps, generator=generator)
+                          max_new_tokens=caps, generator=generators)
     with timer("scoring_s"):
         refs = [r for r in batch.texts for _ in range(G)]
         langs = [lang for lang in batch.languages for _ in range(G)]
@@ -325,34 +393,54 @@ def _cat_padded(tensors: list[torch.Tensor], value=0) -> torch.Tensor:
 # --------------------------------------------------------------------------- update
 
 
-def _speech_for_candidates(model, rollout: Rollout, G: int):
-    speech, speech_lengths = model.encode_speech(rollout.speech_inputs, rollout.input_lengths)
-    return speech.repeat_interleave(G, dim=0), speech_lengths.repeat_interleave(G, dim=0)
+def step_advantages(rewards: torch.Tensor, scale: str) -> torch.Tensor:
+    """Group advantages (eq. 4) of this rank's rewards (B, G) -> (B, G). Groups never span
+    ranks, so "group" and "none" are local; "batch" divides by the std of every rank's rewards,
+    computed as one process would on the gathered batch."""
+    if scale != "batch" or distributed.world_size() == 1:
+        return group_advantages(rewards, scale=scale)
+    everyone = distributed.all_gather_objects(rewards.cpu())
+    start = sum(len(r) for r in everyone[: distributed.rank()])
+    whole = group_advantages(torch.cat(everyone), scale="batch")
+    return whole[start : start + len(rewards)].to(rewards.device)
+
+
+def loss_counts(mask: torch.Tensor) -> tuple[float, float]:
+    """(tokens, sequences) over all ranks that carry loss: the normalisers of token_mean and of
+    the per-sequence aggregations, so each rank's loss is its share of the global mean.
+    mask (B*G, T)."""
+    tokens, seqs = distributed.all_reduce_sum([mask.sum().item(), mask.any(1).sum().item()])
+    return max(tokens, 1.0), max(seqs, 1.0)
 
 
 @torch.no_grad()
 def candidate_logprobs(run: Run, model, rollout: Rollout) -> torch.Tensor:
-    """Per-token log-probs of every candidate under ``model`` (reference or old policy)."""
+    """Per-token log-probs (B*G, T) of every candidate under ``model`` (reference or old
+    policy, possibly wrapped)."""
+    from speechrl.model import token_logprobs
+
     G = rollout.rewards.shape[1]
     was_training = model.training
     model.eval()
     with autocast(run.device, run.cfg.train.precision):
-        speech, speech_lengths = _speech_for_candidates(model, rollout, G)
-        logp = model.target_logprobs(speech, speech_lengths, rollout.tokens, rollout.mask)
+        logits = model(rollout.speech_inputs, rollout.input_lengths, rollout.tokens,
+                       rollout.mask, group_size=G)
     model.train(was_training)
-    return logp.float()
+    return token_logprobs(logits, rollout.tokens, rollout.mask).float()
 
 
-def policy_update(run: Run, policy, optimizer, rollout: Rollout, advantages: torch.Tensor):
-    """One optimizer step on the whole rollout batch (eq. 3). Returns stats, or None when the
-    loss or the gradient is not finite."""
+def policy_update(run: Run, policy, optimizer, rollout: Rollout, advantages: torch.Tensor,
+                  counts: tuple[float, float]):
+    """One optimizer step on the whole rollout batch (eq. 3). ``counts``: (tokens, sequences)
+    over all ranks, from :func:`loss_counts`. Returns stats, or None when the loss or the
+    gradient is not finite (on any rank: all ranks then skip together)."""
     grpo = run.cfg.grpo
     G = grpo.group_size
     policy.train()
     optimizer.zero_grad(set_to_none=True)
     with autocast(run.device, run.cfg.train.precision):
-        speech, speech_lengths = _speech_for_candidates(policy, rollout, G)
-        logits = policy.target_logits(speech, speech_lengths, rollout.tokens, rollout.mask)
+        logits = policy(rollout.speech_inputs, rollout.input_lengths, rollout.tokens,
+                        rollout.mask, group_size=G)
     logits = logits.float()
     log_probs = torch.log_softmax(logits, dim=-1)
     logp = log_probs.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)  # (B*G, T)
@@ -363,10 +451,12 @@ def policy_update(run: Run, policy, optimizer, rollout: Rollout, advantages: tor
         logp, old_logp, advantages, rollout.mask,
         ref_logp=rollout.ref_logp, beta=grpo.beta, eps_low=grpo.eps_low,
         eps_high=grpo.eps_high, agg=grpo.agg, norm_len=norm_len,
+        num_tokens=counts[0], num_seqs=counts[1],
     )
-    if not torch.isfinite(loss):
+    if not distributed.all_ranks(bool(torch.isfinite(loss))):
         return None
-    loss.backward()
+    # DDP and FSDP2 average gradients over ranks; each rank's loss is its share of the sum.
+    (loss * distributed.world_size()).backward()
     grad_norm, finite = clip_and_check(policy, run.cfg.train.grad_clip)
     if not finite:
         return None
@@ -374,8 +464,9 @@ def policy_update(run: Run, policy, optimizer, rollout: Rollout, advantages: tor
     with torch.no_grad():
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         entropy = (entropy * rollout.mask).sum() / rollout.mask.sum().clamp(min=1)
-    stats = dict(stats)
-    stats.update({"loss": loss.item(), "grad_norm": grad_norm, "entropy": entropy.item()})
+    stats = distributed.weighted_mean({**stats, "entropy": entropy.item()},
+                                      weight=rollout.mask.sum().item())
+    stats.update({"loss": distributed.all_reduce_sum([loss.item()])[0], "grad_norm": grad_norm})
     return stats
 
 

@@ -7,6 +7,10 @@ where no weights can be fetched, it trains a BPE tokenizer on the corpus text an
 
 Sequences pack ``lm.sentences_per_sequence`` sentences, each as ``<BOS> text <EOS>``, so the
 model learns where a transcript ends — the SFT target ends with ``<EOS>`` too.
+
+Under torchrun rank 0 trains the tokenizer and hands it to the others; each step's global batch
+of ``train.batch_size`` sequences is split over the ranks, and each rank's summed loss is divided
+by the batch's token count over all ranks, so the update equals one process's.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
+from speechrl import distributed
 from speechrl.config import RunConfig
 from speechrl.train.common import (
     Run,
@@ -24,12 +30,15 @@ from speechrl.train.common import (
     autocast,
     build_optimizer,
     build_scheduler,
-    capture_rng,
     clip_and_check,
     progress,
+    restore_optimizer,
     restore_rng,
+    resume_folder,
+    save_optimizer_shards,
     say,
     start_run,
+    training_payload,
 )
 
 
@@ -85,35 +94,42 @@ def train_lm(cfg: RunConfig) -> Path:
     dev_seqs = pack_sequences(dev_texts, tokenizer, cfg.lm.sentences_per_sequence,
                               cfg.lm.max_length, cfg.train.seed) if dev_texts else []
 
-    llm = build_llm(cfg.model.llm, tokenizer.vocab_size).to(run.device)
+    plain = build_llm(cfg.model.llm, tokenizer.vocab_size).to(run.device)
     say(f"pretrain-lm: {len(texts)} sentences, {len(train_seqs)} sequences, "
-        f"vocabulary {tokenizer.vocab_size}, {sum(p.numel() for p in llm.parameters()) / 1e6:.1f}M "
-        f"parameters")
+        f"vocabulary {tokenizer.vocab_size}, "
+        f"{sum(p.numel() for p in plain.parameters()) / 1e6:.1f}M parameters")
+    last = resume_folder(run)
+    if last is not None:  # weights before wrapping: FSDP2 shards what each rank holds
+        plain.load_state_dict(load_file(str(last / "model.safetensors")), strict=False)
+    llm = distributed.wrap_model(plain, run.world, cfg.train.parallel)
     optimizer = build_optimizer(llm, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     state = resume_lm(run, llm, optimizer, scheduler)
-    batch_size = cfg.train.batch_size or 32
+    batch_size = cfg.train.batch_size or 32  # sequences over all ranks
 
     bar = progress(cfg.train.max_steps, state.step, "pretrain-lm")
     while state.step < cfg.train.max_steps:
-        batch = next_lm_batch(train_seqs, batch_size, state, cfg.train.seed)
+        batch = rank_share(next_lm_batch(train_seqs, batch_size, state, cfg.train.seed))
         ids, labels = collate_sequences(batch, tokenizer.pad_id)
+        # Predicted tokens (labels shifted by one) over all ranks normalise each rank's sum.
+        tokens = distributed.all_reduce_sum([int((labels[:, 1:] != -100).sum())])[0]
         llm.train()
         optimizer.zero_grad(set_to_none=True)
         with autocast(run.device, cfg.train.precision):
             loss = llm(input_ids=ids.to(run.device), attention_mask=(labels != -100).to(run.device),
-                       labels=labels.to(run.device)).loss
-        loss.backward()
+                       labels=labels.to(run.device), num_items_in_batch=max(tokens, 1)).loss
+        (loss * distributed.world_size()).backward()  # DDP / FSDP2 average over ranks
+        loss_value = distributed.all_reduce_sum([loss.item()])[0]
         grad_norm, finite = clip_and_check(llm, cfg.train.grad_clip)
-        if finite and torch.isfinite(loss):
+        if finite and np.isfinite(loss_value):
             optimizer.step()
         scheduler.step()
         state.step += 1
         bar.update(1)
         if state.step % cfg.train.log_every == 0:
-            run.logger.log(state.step, {"loss": loss.item(), "grad_norm": grad_norm,
+            run.logger.log(state.step, {"loss": loss_value, "grad_norm": grad_norm,
                                         "lr": scheduler.get_last_lr()[0]}, prefix="train/")
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}")
         end = state.step == cfg.train.max_steps
         if dev_seqs and (state.step % cfg.train.eval_every == 0 or end):
             dev_loss = lm_dev_loss(llm, dev_seqs, tokenizer.pad_id, run)
@@ -135,7 +151,20 @@ def lm_tokenizer(cfg: RunConfig, texts: list[str], run: Run):
     saved = run.output_dir / "model"
     if (saved / "tokenizer.json").exists():  # a resumed run keeps its tokenizer
         return SpeechTokenizer.from_pretrained(saved)
-    return train_bpe(texts, vocab_size=cfg.lm.vocab_size)
+    # Trained once, on rank 0, and sent to the others: every rank must agree on the ids.
+    tokenizer = train_bpe(texts, vocab_size=cfg.lm.vocab_size) if run.is_main else None
+    return distributed.broadcast_object(tokenizer)
+
+
+def rank_share(batch: list[list[int]]) -> list[list[int]]:
+    """This rank's contiguous slice of a global batch of sequences."""
+    size = distributed.world_size()
+    if len(batch) < size:
+        raise ValueError(f"a batch of {len(batch)} sequences cannot feed {size} ranks: raise "
+                         "train.batch_size or add text")
+    bounds = np.linspace(0, len(batch), size + 1).round().astype(int)
+    r = distributed.rank()
+    return batch[bounds[r] : bounds[r + 1]]
 
 
 def next_lm_batch(sequences: list[list[int]], batch_size: int, state: TrainerState,
@@ -151,9 +180,19 @@ def next_lm_batch(sequences: list[list[int]], batch_size: int, state: TrainerSta
     return [sequences[i] for i in picked]
 
 
-@torch.no_grad()
 def lm_dev_loss(llm, sequences: list[list[int]], pad_id: int, run: Run,
                 batch_size: int = 64) -> float:
+    """Token-mean dev loss; each rank scores every W-th sequence and the sums are added."""
+    with distributed.full_parameters(llm) as plain:
+        total, count = _lm_dev_shard(plain, sequences[distributed.rank()::distributed.world_size()],
+                                     pad_id, run, batch_size)
+    total, count = distributed.all_reduce_sum([total, count])
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def _lm_dev_shard(llm, sequences: list[list[int]], pad_id: int, run: Run,
+                  batch_size: int) -> tuple[float, int]:
     llm.eval()
     total, count = 0.0, 0
     for i in range(0, len(sequences), batch_size):
@@ -164,34 +203,38 @@ def lm_dev_loss(llm, sequences: list[list[int]], pad_id: int, run: Run,
         n = int((labels[:, 1:] != -100).sum())
         total += loss.item() * n
         count += n
-    return total / max(count, 1)
+    return total, count
 
 
 def save_lm(run: Run, llm, tokenizer, optimizer, scheduler, state: TrainerState) -> None:
     """``output_dir/model``: the HF folder later stages load; ``output_dir/last``: the same plus
-    the optimizer, schedule, RNG and data position for resuming. Both written atomically."""
-    from speechrl.checkpoint import atomic_directory
-
+    the optimizer, schedule, RNG and data position for resuming. Both written atomically, by
+    rank 0 (under FSDP2 every rank helps gather the weights and writes its optimizer shard)."""
+    weights = distributed.full_state_dict(llm) if distributed.is_sharded(llm) else None
+    payload = training_payload(llm, optimizer, scheduler, state)
     for name in ("model", "last"):
-        with atomic_directory(run.output_dir / name) as tmp:
-            llm.save_pretrained(tmp, safe_serialization=True)
+        with distributed.shared_atomic_directory(run.output_dir / name) as tmp:
+            if name == "last":
+                save_optimizer_shards(llm, optimizer, tmp)
+            if not run.is_main:
+                continue
+            # A copy each time: save_pretrained empties the dict it is given.
+            distributed.unwrap(llm).save_pretrained(
+                tmp, safe_serialization=True, state_dict=None if weights is None else dict(weights))
             tokenizer.save_pretrained(tmp)
             if name == "last":
-                tensors = capture_rng(state)
-                torch.save({"optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), **tensors}, tmp / "optimizer.pt")
+                torch.save(payload, tmp / "optimizer.pt")
                 (tmp / "trainer_state.json").write_text(json.dumps(state.to_json()))
 
 
 def resume_lm(run: Run, llm, optimizer, scheduler) -> TrainerState:
-    from safetensors.torch import load_file
-
-    last = run.output_dir / "last"
-    if not (run.cfg.train.resume and (last / "trainer_state.json").exists()):
+    """Optimizer, schedule, data position and RNG of ``output_dir/last`` (the weights were
+    loaded before wrapping), or a fresh state."""
+    last = resume_folder(run)
+    if last is None:
         return TrainerState()
-    llm.load_state_dict(load_file(str(last / "model.safetensors")), strict=False)
     extra = torch.load(last / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
+    restore_optimizer(llm, optimizer, last, extra)
     scheduler.load_state_dict(extra["scheduler"])
     state = TrainerState.from_json(json.loads((last / "trainer_state.json").read_text()))
     restore_rng(state, extra)

@@ -5,14 +5,18 @@ prediction on the transcript tokens only — the prompt and the speech positions
 Every ``eval_every`` steps the dev loss and the greedy dev WER are measured and the best model by
 dev WER is kept in ``output_dir/best`` (the paper picks checkpoints on dev); every ``save_every``
 steps ``output_dir/last`` is written for resuming.
+
+Under torchrun the global batch is split over the ranks, and each rank's loss is its tokens'
+cross-entropy summed and divided by the token count summed over ranks (times the world size,
+since DDP and FSDP2 average gradients): the update equals one process's on the whole batch.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-import torch
-
+from speechrl import distributed
 from speechrl.config import RunConfig
 from speechrl.losses import sft_loss
 from speechrl.train.common import (
@@ -25,6 +29,7 @@ from speechrl.train.common import (
     encode_targets,
     endless_batches,
     maybe_resume,
+    prepare_model,
     progress,
     save_training_checkpoint,
     say,
@@ -35,8 +40,9 @@ from speechrl.train.speech import dev_evaluation, keep_if_best, load_or_build_mo
 
 def train_sft(cfg: RunConfig) -> Path:
     run = start_run(cfg, "sft")
-    model = load_or_build_model(cfg, run.device)
-    train_loader, dev_loader = speech_loaders(cfg, model)
+    plain = load_or_build_model(cfg, run.device)
+    train_loader, dev_loader = speech_loaders(cfg, plain, run.world.rank, run.world.world_size)
+    model = prepare_model(run, plain)  # resumed weights, then DDP / FSDP2 wrapping
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     state = maybe_resume(run, model, optimizer, scheduler)
@@ -67,21 +73,26 @@ def sft_step(run: Run, model, optimizer, batches, state: TrainerState) -> dict |
     """One optimizer step over ``grad_accum`` batches; None when the step was skipped as
     non-finite (counted; the run stops after ``max_nonfinite_steps`` in a row)."""
     cfg = run.cfg.train
+    tokenizer = distributed.unwrap(model).tokenizer
     model.train()
     optimizer.zero_grad(set_to_none=True)
     total_loss, total_tokens = 0.0, 0
-    for _ in range(cfg.grad_accum):
+    for i in range(cfg.grad_accum):
         batch = next(batches).to(run.device)
-        targets, mask = encode_targets(model.tokenizer, batch.texts, run.device)
-        with autocast(run.device, cfg.precision):
-            speech, speech_lengths = model.encode_speech(batch.inputs, batch.input_lengths)
-            logits = model.target_logits(speech, speech_lengths, targets, mask)
-        loss = sft_loss(logits.float(), targets, mask)
-        (loss / cfg.grad_accum).backward()
+        targets, mask = encode_targets(tokenizer, batch.texts, run.device)
+        # The batch's tokens over all ranks normalise every rank's sum (eq. 2 over the batch).
+        tokens = distributed.all_reduce_sum([int(mask.sum())])[0]
+        with distributed.gradient_sync(model, enabled=i == cfg.grad_accum - 1):
+            with autocast(run.device, cfg.precision):
+                logits = model(batch.inputs, batch.input_lengths, targets, mask)
+            loss = sft_loss(logits.float(), targets, mask, num_tokens=max(tokens, 1))
+            (loss * distributed.world_size() / cfg.grad_accum).backward()
         total_loss += loss.item()
-        total_tokens += int(mask.sum())
+        total_tokens += int(tokens)
+    # Each rank's loss is its share of the global mean: their sum is the batch's loss.
+    total_loss = distributed.all_reduce_sum([total_loss])[0]
     grad_norm, finite = clip_and_check(model, cfg.grad_clip)
-    if not finite or not torch.isfinite(torch.tensor(total_loss)):
+    if not finite or not math.isfinite(total_loss):
         skip_nonfinite(run, state, optimizer)
         return None
     optimizer.step()

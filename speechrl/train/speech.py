@@ -1,13 +1,26 @@
 """What the speech stages (SFT and GRPO) share: building or loading the speech-LLM, the train
-and dev loaders, and the dev evaluation that picks the best checkpoint."""
+and dev loaders, and the dev evaluation that picks the best checkpoint.
+
+Under torchrun each rank loads its shard of the train and dev data; the dev figures are summed
+(loss) and gathered (transcripts) over ranks, so they equal those of one process.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from speechrl import distributed
 from speechrl.config import RunConfig
 from speechrl.losses import sft_loss
-from speechrl.train.common import Run, TrainerState, autocast, encode_targets, say
+from speechrl.train.common import (
+    Run,
+    TrainerState,
+    autocast,
+    encode_targets,
+    local_batch_size,
+    save_speech_checkpoint,
+    say,
+)
 
 
 def load_or_build_model(cfg: RunConfig, device: torch.device):
@@ -28,7 +41,8 @@ def load_or_build_model(cfg: RunConfig, device: torch.device):
 
 
 def speech_loaders(cfg: RunConfig, model, rank: int = 0, world_size: int = 1):
-    """(train loader, dev loader or None) with the features the model's encoder takes."""
+    """(train loader, dev loader or None) with the features the model's encoder takes, for
+    rank ``rank`` of ``world_size``: the global ``train.batch_size`` is split over the ranks."""
     from speechrl.data import make_dataloader
 
     features = cfg.data.features or model.encoder.input_kind
@@ -37,7 +51,7 @@ def speech_loaders(cfg: RunConfig, model, rank: int = 0, world_size: int = 1):
                          "data.train=corpus/train.jsonl")
     train = make_dataloader(cfg.data.train, cfg.data, features=features, training=True,
                             seed=cfg.train.seed, rank=rank, world_size=world_size,
-                            batch_size=cfg.train.batch_size)
+                            batch_size=local_batch_size(cfg.train))
     dev = None
     if cfg.data.dev:
         dev = make_dataloader(cfg.data.dev, cfg.data, features=features, training=False,
@@ -46,11 +60,26 @@ def speech_loaders(cfg: RunConfig, model, rank: int = 0, world_size: int = 1):
     return train, dev
 
 
-@torch.no_grad()
 def dev_evaluation(model, loader, run: Run, normalizer: str) -> dict[str, float]:
-    """Dev loss (teacher forcing) and greedy dev WER over the dev loader."""
-    from speechrl.generate import DecodingOptions, generate, max_tokens_for_duration
+    """Dev loss (teacher forcing) and greedy dev WER over the dev loader: each rank scores its
+    shard, then the loss sums are summed and the transcripts gathered over ranks."""
     from speechrl.metrics import error_counts
+
+    with distributed.full_parameters(model) as plain:
+        loss_sum, token_sum, refs, hyps = _dev_shard(plain, loader, run, normalizer)
+    loss_sum, token_sum = distributed.all_reduce_sum([loss_sum, token_sum])
+    pairs = distributed.all_gather_objects((refs, hyps))
+    refs = [r for rank_refs, _ in pairs for r in rank_refs]
+    hyps = [h for _, rank_hyps in pairs for h in rank_hyps]
+    _, total = error_counts(refs, hyps)
+    return {"loss": loss_sum / max(token_sum, 1), "wer": total.wer, "utterances": len(refs)}
+
+
+@torch.no_grad()
+def _dev_shard(model, loader, run: Run,
+               normalizer: str) -> tuple[float, int, list[str], list[str]]:
+    """(loss sum, token count, normalised refs, normalised hyps) of this rank's dev batches."""
+    from speechrl.generate import DecodingOptions, generate, max_tokens_for_duration
     from speechrl.text import get_normalizer
 
     was_training = model.training
@@ -76,19 +105,18 @@ def dev_evaluation(model, loader, run: Run, normalizer: str) -> dict[str, float]
             refs.append(norm(ref))
             hyps.append(norm(hyp))
     model.train(was_training)
-    _, total = error_counts(refs, hyps)
-    return {"loss": loss_sum / max(token_sum, 1), "wer": total.wer, "utterances": len(refs)}
+    return loss_sum, token_sum, refs, hyps
 
 
 def keep_if_best(run: Run, model, state: TrainerState, dev: dict[str, float]) -> None:
-    """Log the dev figures and save ``output_dir/best`` when dev WER improved."""
-    from speechrl.checkpoint import save_checkpoint
-
+    """Log the dev figures and save ``output_dir/best`` when dev WER improved. Every rank calls
+    it (the dev figures are the same on all); rank 0 writes."""
     run.logger.log(state.step, dev, prefix="dev/")
     improved = state.best_dev_wer is None or dev["wer"] < state.best_dev_wer
     if improved:
         state.best_dev_wer, state.best_step = dev["wer"], state.step
-        save_checkpoint(model, run.best_dir, trainer_state={"step": state.step, "dev": dev})
+        save_speech_checkpoint(model, run.best_dir,
+                               trainer_state={"step": state.step, "dev": dev})
     say(f"step {state.step}: dev loss {dev['loss']:.3f}, dev WER {100 * dev['wer']:.2f}%"
         + (" (best)" if improved else f" (best {100 * state.best_dev_wer:.2f}% at "
                                        f"step {state.best_step})"))

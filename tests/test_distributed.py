@@ -1,0 +1,410 @@
+"""Many processes: the helpers of speechrl.distributed, and two-rank runs under torchrun (gloo on
+CPU) that must take exactly the update of one process with the same global batch.
+
+The two-rank runs go through the command line the way a user launches them
+(``torchrun --nproc_per_node 2 ...``): this file is also the script torchrun starts (see the end
+of the file), which runs several ``speechrl`` commands in one launch to pay the start-up once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from speechrl import distributed
+from speechrl.config import GRPOConfig, ModelConfig, RunConfig, to_dict
+
+# --------------------------------------------------------------------------- one process
+
+
+def test_one_process_needs_no_torchrun(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    world = distributed.setup("cpu")
+    assert (world.rank, world.world_size, world.is_main, world.is_distributed) == (0, 1, True,
+                                                                                   False)
+    assert not torch.distributed.is_initialized()
+    # Every collective is the identity on one rank.
+    assert distributed.all_reduce_sum([2, 3.5]) == [2.0, 3.5]
+    assert distributed.all_gather_objects({"a": 1}) == [{"a": 1}]
+    assert distributed.weighted_mean({"kl": 0.25}, weight=7) == {"kl": 0.25}
+    model = torch.nn.Linear(2, 2)
+    assert distributed.wrap_model(model, world, "ddp") is model
+    with pytest.raises(ValueError, match="unknown train.parallel 'zero3'"):
+        distributed.wrap_model(model, world, "zero3")
+
+
+def test_torchrun_variables_are_checked(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(RuntimeError, match="RANK, MASTER_ADDR, MASTER_PORT not set"):
+        distributed.setup("cpu")
+
+
+def test_global_batch_size_must_divide(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    assert distributed.per_rank(8, "train.batch_size") == 2
+    with pytest.raises(ValueError, match="train.batch_size=6 .* must divide by the 4 ranks"):
+        distributed.per_rank(6, "train.batch_size")
+
+
+def test_interleave_restores_one_process_order():
+    # One process decodes batches b0..b4; rank 0 took b0, b2, b4 and rank 1 took b1, b3.
+    rank0 = [["a", "b"], ["e"], ["h", "i"]]
+    rank1 = [["c", "d"], ["f", "g"]]
+    assert distributed.interleave([rank0, rank1]) == list("abcdefghi")
+
+
+def test_fixed_batches_are_global_slices():
+    from speechrl.data import DurationBatchSampler
+
+    durations = np.random.default_rng(0).uniform(1.0, 5.0, size=30)
+
+    def epoch(rank: int, world: int, batch_size: int) -> list[list[int]]:
+        sampler = DurationBatchSampler(durations, batch_size=batch_size, num_buckets=3, seed=7,
+                                       rank=rank, world_size=world)
+        sampler.set_epoch(2)
+        return list(sampler)
+
+    # 3 buckets of 10 utterances, global batch 4: batches of 4, 4, 2 per bucket.
+    one = epoch(0, 1, 4)
+    assert [len(b) for b in one].count(4) == 6 and [len(b) for b in one].count(2) == 3
+    r0, r1 = epoch(0, 2, 2), epoch(1, 2, 2)
+    # Step by step, the two ranks together hold exactly the one-process batch.
+    assert len(r0) == len(r1) == len(one)
+    for a, b, whole in zip(r0, r1, one, strict=True):
+        assert a + b == whole and len(a) == len(b)
+    # With 4 ranks the batches of 2 cannot be shared: they are dropped, the rest is the same.
+    quarters = [epoch(r, 4, 1) for r in range(4)]
+    assert [sum(parts, []) for parts in zip(*quarters, strict=True)] == \
+        [b for b in one if len(b) == 4]
+
+
+def test_kept_share_fills_what_other_ranks_lack(monkeypatch):
+    from speechrl.train.grpo import kept_share
+
+    def shares(kept: list[int], targets: list[int]) -> list[int]:
+        monkeypatch.setattr(distributed, "all_gather_objects",
+                            lambda obj: list(zip(kept, targets, strict=True)))
+        out = []
+        for r in range(len(kept)):
+            monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+            out.append(kept_share(kept[r], targets[r]))
+        return out
+
+    # Each rank needs 2. Rank 0 kept 5, rank 1 only 1: rank 0 keeps 2 + the 1 rank 1 lacks.
+    assert shares([5, 1], [2, 2]) == [3, 1]
+    # Together they hold fewer than needed: everything is kept.
+    assert shares([1, 0, 2], [2, 2, 2]) == [1, 0, 2]
+    # Surplus goes in rank order: rank 1 lacks 2, rank 0 gives 1 of its 1 extra, rank 2 the rest.
+    assert shares([3, 0, 4], [2, 2, 2]) == [3, 0, 3]
+    # One process: min(kept, target), as dynamic sampling always did.
+    assert shares([7], [4]) == [4]
+
+
+def test_inverse_cdf_sampling_follows_the_filtered_distribution():
+    from speechrl.generate import DecodingOptions, sample_next_token
+
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    n = 1000
+    logits = probs.clamp(min=1e-30).log().expand(n, 4)
+    # Evenly spaced uniforms: token i takes the share of [0, 1) its probability covers.
+    uniform = (torch.arange(n) + 0.5) / n
+    tokens = sample_next_token(logits, DecodingOptions(strategy="sample"), uniform=uniform)
+    counts = torch.bincount(tokens, minlength=4).tolist()
+    assert counts == [100, 0, 600, 300]
+    # top_k = 2 keeps tokens 2 and 3, renormalised to 2/3 and 1/3.
+    tokens = sample_next_token(logits, DecodingOptions(strategy="sample", top_k=2),
+                               uniform=uniform)
+    assert torch.bincount(tokens, minlength=4).tolist() == [0, 0, 667, 333]
+
+
+def test_per_prompt_generators_do_not_depend_on_the_batch(tiny_model, random_fbank):
+    from speechrl.generate import DecodingOptions, generate
+
+    feats, lengths = random_fbank([40, 64, 52])
+    options = DecodingOptions(strategy="sample", num_return_sequences=3, max_new_tokens=6)
+
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    with torch.no_grad():
+        together = generate(tiny_model, feats, lengths, options, generator=gens([11, 12, 13]))
+        # Prompt 1 alone, with its own generator: the same three candidates.
+        alone = generate(tiny_model, feats[1:2, :64], lengths[1:2], options,
+                         generator=gens([12]))
+        other = generate(tiny_model, feats[1:2, :64], lengths[1:2], options,
+                         generator=gens([99]))
+    assert together.tokens[3:6] == alone.tokens
+    assert other.tokens != alone.tokens
+    with pytest.raises(ValueError, match="2 generators for 9 rows"):
+        generate(tiny_model, feats, lengths, options, generator=gens([1, 2]))
+
+
+def test_repeated_blocks_are_the_layers(tiny_model):
+    blocks = distributed.repeated_blocks(tiny_model)
+    names = [type(b).__name__ for b in blocks]
+    # Two conformer blocks (tests/conftest.py TINY_ENCODER) and two Llama decoder layers.
+    assert len(blocks) == 4 and names.count("LlamaDecoderLayer") == 2
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+def length_gap(hyps: list[str], refs: list[str]) -> list[float]:
+    """A reward for the random test model: minus the gap in characters to the reference."""
+    return [-abs(len(h) - len(r)) / max(len(r), 1) for h, r in zip(hyps, refs, strict=True)]
+
+
+def write_config(cfg: RunConfig, path: Path) -> str:
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    return str(path)
+
+
+def cli(argv: list[str]) -> None:
+    from speechrl.cli import build_parser, run_command
+
+    assert run_command(build_parser().parse_args(argv)) == 0
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_config_module) -> dict[str, Path]:
+    """The same jobs run by one process here and by two under torchrun: one SFT step (DDP and
+    FSDP2), one GRPO step (the GRPO preset; DAPO's token mean with batch-std advantages), and
+    an evaluation. Every SFT step ends with a dev evaluation."""
+    import dataclasses
+
+    from test_train import run_config, write_tone_corpus
+
+    root = tmp_path_factory.mktemp("dist")
+    corpus = {"train": write_tone_corpus(root / "train", 48, seed=0),
+              "dev": write_tone_corpus(root / "dev", 8, seed=1)}
+    out = {name: root / name for name in ("one", "two")}
+
+    def sft(where: Path, **train) -> RunConfig:
+        cfg = run_config(where, corpus, tiny_model_config_module, max_steps=1, batch_size=4,
+                         lr=1e-3, warmup_steps=0, eval_every=1, save_every=1, **train)
+        # Dev batches of ~2.5 s: several, so that both ranks decode some.
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_duration=2.5))
+
+    sft_last = out["one"] / "sft" / "run" / "last"
+    # GRPO starts from a random model, whose candidates are junk of a few words: WER alone
+    # would be -1 for all; length_gap tells them apart, so every group has a learning signal.
+    from speechrl.checkpoint import save_checkpoint
+    from speechrl.model import SpeechLLM
+    from speechrl.tokenizer import SpeechTokenizer
+
+    torch.manual_seed(0)
+    init = save_checkpoint(SpeechLLM.from_config(
+        tiny_model_config_module,
+        SpeechTokenizer.from_pretrained(tiny_model_config_module.tokenizer)), root / "init")
+
+    def grpo(where: Path, **options) -> RunConfig:
+        cfg = run_config(where, corpus, tiny_model_config_module, init=str(init), max_steps=1,
+                         batch_size=4, lr=1e-3, warmup_steps=0, eval_every=1000, save_every=1)
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dev=()),
+                                   grpo=GRPOConfig(group_size=4, max_new_tokens=8, **options))
+
+    def stages(base: Path) -> dict[str, tuple[str, RunConfig]]:
+        return {
+            "sft": ("sft", sft(base / "sft")),
+            "grpo": ("grpo", grpo(base / "grpo", reward="wer+test_distributed:length_gap")),
+            "dapo": ("grpo", grpo(base / "dapo", algorithm="dapo", dynamic_sampling=False,
+                                  scale="batch", reward="ed+0.5*test_distributed:length_gap")),
+            # Exact match never rewards a random model: every group is uninformative, so
+            # dynamic sampling runs all its refill rounds, on every rank alike.
+            "dyn": ("grpo", grpo(base / "dyn", algorithm="dapo", reward="em",
+                                 max_refill_rounds=2)),
+            "lm": ("pretrain-lm", run_config(base / "lm", corpus, ModelConfig(), max_steps=1,
+                                             batch_size=8, lr=1e-3, warmup_steps=0,
+                                             eval_every=1, save_every=1)),
+            "ctc": ("pretrain-encoder", dataclasses.replace(
+                sft(base / "ctc"), model=ModelConfig(encoder=tiny_model_config_module.encoder))),
+        }
+
+    def commands(base: Path, fsdp: bool) -> list[list[str]]:
+        """Each stage (and with ``fsdp`` its FSDP2 twin, in ``<name>-fsdp``), then eval."""
+        base.mkdir(parents=True, exist_ok=True)
+        jobs = []
+        for name, (command, cfg) in stages(base).items():
+            jobs.append([command, "--config", write_config(cfg, base / f"{name}.yaml")])
+            if fsdp and name in ("sft", "grpo", "lm", "ctc"):
+                train = dataclasses.replace(cfg.train, parallel="fsdp2",
+                                            output_dir=str(base / f"{name}-fsdp" / "run"))
+                jobs.append([command, "--config", write_config(
+                    dataclasses.replace(cfg, train=train), base / f"{name}-fsdp.yaml")])
+        jobs.append(["eval", "--checkpoint", f"sft={sft_last}", "--data", f"dev={corpus['dev']}",
+                     "--out", str(base / "eval")])
+        return jobs
+
+    for argv in commands(out["one"], fsdp=False):
+        cli(argv)
+    spec = out["two"] / "jobs.json"
+    spec.write_text(json.dumps(commands(out["two"], fsdp=True)))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+              "--nproc_per_node", "2", __file__, str(spec)]
+    done = subprocess.run(launch, capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).parent)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    (out["two"] / "stdout.txt").write_text(done.stdout)
+    return out
+
+
+def metrics(run: Path) -> dict[str, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {k: v for row in rows for k, v in row.items() if k not in ("step", "time")}
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "last" / "model.safetensors"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Equal to float noise. Adam's first step moves each weight by about lr * sign(gradient)
+    = 1e-3; where a gradient is near Adam's eps (1e-8), the noise of summing it in another
+    order is amplified, so the bound is 1% of a step."""
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+
+
+def assert_same_update(one: Path, two: Path, before: Path) -> None:
+    """The two runs moved the weights away from ``before`` in the same way."""
+    start, a = load_file(str(before / "model.safetensors")), weights(one)
+    moved = max((a[k] - start[k]).abs().max().item() for k in a)
+    assert moved > 5e-4  # a real update, not two copies of the initial weights
+    assert_same_weights(a, weights(two))
+
+
+PARALLEL = {"ddp": "", "fsdp2": "-fsdp"}  # where the two-rank run of each kind wrote
+
+
+@pytest.mark.parametrize("parallel", PARALLEL)
+def test_sft_takes_the_one_process_update(runs, parallel):
+    one, two = runs["one"] / "sft" / "run", runs["two"] / f"sft{PARALLEL[parallel]}" / "run"
+    m1, m2 = metrics(one), metrics(two)
+    # The loss is the mean over the global batch's tokens, the gradient is the same one.
+    for key in ("train/loss", "train/grad_norm", "train/tokens", "dev/loss"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-5), key
+    # Dev WER over the gathered hypotheses of both ranks, on all 8 dev utterances.
+    assert (m2["dev/wer"], m2["dev/utterances"]) == (m1["dev/wer"], m1["dev/utterances"]) and \
+        m1["dev/utterances"] == 8
+    assert (two / "best" / "model.safetensors").is_file()  # kept by dev WER, written once
+    # FSDP2: the full weights gathered from the shards, in the one-process layout.
+    assert_same_weights(weights(one), weights(two))
+    # Only rank 0 wrote: one metrics file, one line per metric row.
+    assert len((two / "metrics.jsonl").read_text().splitlines()) == \
+        len((one / "metrics.jsonl").read_text().splitlines())
+    # FSDP2 keeps the optimizer moments sharded, in a torch.distributed.checkpoint folder.
+    shards = two / "last" / "optimizer_shards" / ".metadata"
+    assert shards.is_file() == (parallel == "fsdp2")
+
+
+@pytest.mark.parametrize("name, parallel", [("grpo", "ddp"), ("dapo", "ddp"),
+                                            ("grpo", "fsdp2")])
+def test_grpo_takes_the_one_process_update(runs, name, parallel):
+    one, two = runs["one"] / name / "run", runs["two"] / f"{name}{PARALLEL[parallel]}" / "run"
+    m1, m2 = metrics(one), metrics(two)
+    # The same candidates were sampled (per-audio generators), so the same rewards ...
+    assert m1["train/reward_std"] > 0  # the groups carry a learning signal
+    for key in ("train/reward_mean", "train/reward_std", "train/candidate_len"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-6), key
+    # ... and the loss normalised by the counts over both ranks is the one-process loss.
+    for key in ("train/loss", "train/grad_norm", "train/kl", "train/entropy"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-7), key
+    assert_same_update(one, two, runs["one"].parent / "init")
+
+
+def test_dynamic_sampling_keeps_the_ranks_in_step(runs):
+    one, two = runs["one"] / "dyn" / "run", runs["two"] / "dyn" / "run"
+    m1, m2 = metrics(one), metrics(two)
+    # The first batch and 2 refill batches, all uninformative: the same global batches drawn
+    # by one process and by the two ranks together (the third is a bucket's tail of 2).
+    assert (m1["train/audios_drawn"], m1["train/zero_std_share"]) == (4 + 4 + 2, 1.0)
+    for key in ("train/audios_drawn", "train/zero_std_share", "train/audios"):
+        assert m2[key] == m1[key], key
+    assert_same_weights(weights(one), weights(two))
+
+
+@pytest.mark.parametrize("parallel", PARALLEL)
+@pytest.mark.parametrize("stage", ["lm", "ctc"])
+def test_pretraining_takes_the_one_process_update(runs, stage, parallel):
+    one, two = runs["one"] / stage / "run", runs["two"] / f"{stage}{PARALLEL[parallel]}" / "run"
+    m1, m2 = metrics(one), metrics(two)
+    keys = ["train/loss", "train/grad_norm", "dev/loss"] + (["dev/cer"] if stage == "ctc" else [])
+    for key in keys:
+        assert m2[key] == pytest.approx(m1[key], rel=1e-5), key
+    assert_same_weights(weights(one), weights(two))
+    # What later stages load: the LM as a Hugging Face folder (tied head stored once), the
+    # encoder alone.
+    product = "model" if stage == "lm" else "encoder"
+    assert_same_weights(load_file(str(one / product / "model.safetensors")),
+                        load_file(str(two / product / "model.safetensors")))
+
+
+def test_eval_under_two_processes_writes_the_one_process_report(runs):
+    one, two = runs["one"] / "eval", runs["two"] / "eval"
+
+    def text(path: Path, base: Path) -> str:
+        return path.read_text().replace(str(base), "OUT")
+
+    assert text(two / "report.json", two) == text(one / "report.json", one)
+    assert text(two / "report.md", two) == text(one / "report.md", one)
+    hyps = sorted(p.name for p in (one / "hyps").iterdir())
+    assert hyps == sorted(p.name for p in (two / "hyps").iterdir()) and hyps
+    for name in hyps:
+        assert (two / "hyps" / name).read_text() == (one / "hyps" / name).read_text()
+    assert len((one / "hyps" / hyps[0]).read_text().splitlines()) == 8
+    # Rank 0 printed the closing line, rank 1 did not.
+    assert (runs["two"] / "stdout.txt").read_text().count("eval done:") == 1
+
+
+def test_fsdp2_checkpoint_resumes_in_one_process(runs, tiny_model_config_module):
+    """Two FSDP2 ranks saved step 1 (optimizer in shards); one process resumes to step 2 and
+    ends where one process running both steps ends."""
+    import dataclasses
+
+    from speechrl.config import load_run_config
+    from speechrl.train.sft import train_sft
+
+    base = runs["one"].parent / "resume"
+    for name, source in (("one", "sft"), ("two", "sft-fsdp")):
+        shutil.copytree(runs[name] / source, base / name)
+        cfg = load_run_config(str(runs[name] / f"{source}.yaml"))
+        train = dataclasses.replace(cfg.train, output_dir=str(base / name / "run"), max_steps=2,
+                                    parallel="ddp")
+        data = dataclasses.replace(cfg.data, dev=())  # no dev pass: only the update matters
+        # The sampler notes that it was saved by 2 ranks (the global batches are the same).
+        warns = pytest.warns(UserWarning, match="world size") if name == "two" else (
+            contextlib.nullcontext())
+        with warns:
+            train_sft(dataclasses.replace(cfg, train=train, data=data))
+    assert_same_weights(weights(base / "one" / "run"), weights(base / "two" / "run"))
+
+
+# --------------------------------------------------------------------------- torchrun worker
+
+
+def worker(spec: str) -> None:
+    """Run each ``speechrl`` command of the JSON list ``spec`` on this rank, then leave the
+    process group once (as ``speechrl.cli.main`` does after its one command)."""
+    from speechrl.cli import build_parser, run_command
+
+    try:
+        for argv in json.loads(Path(spec).read_text()):
+            run_command(build_parser().parse_args(argv))
+    finally:
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
