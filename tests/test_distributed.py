@@ -187,7 +187,10 @@ def runs(tmp_path_factory, tiny_model_config_module) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("dist")
     corpus = {"train": write_tone_corpus(root / "train", 48, seed=0),
-              "dev": write_tone_corpus(root / "dev", 8, seed=1)}
+              "dev": write_tone_corpus(root / "dev", 8, seed=1),
+              # Over 120 s of audio: three eval batches of up to 60 s; rank 0 decodes the
+              # first and the third, which must come back in order around the second.
+              "test": write_tone_corpus(root / "test", 170, seed=2)}
     out = {name: root / name for name in ("one", "two")}
 
     def sft(where: Path, **train) -> RunConfig:
@@ -242,7 +245,8 @@ def runs(tmp_path_factory, tiny_model_config_module) -> dict[str, Path]:
                                             output_dir=str(base / f"{name}-fsdp" / "run"))
                 jobs.append([command, "--config", write_config(
                     dataclasses.replace(cfg, train=train), base / f"{name}-fsdp.yaml")])
-        jobs.append(["eval", "--checkpoint", f"sft={sft_last}", "--data", f"dev={corpus['dev']}",
+        jobs.append(["eval", "--checkpoint", f"sft={sft_last}", "--checkpoint", f"init={init}",
+                     "--data", f"dev={corpus['dev']}", "--data", f"test={corpus['test']}",
                      "--out", str(base / "eval")])
         return jobs
 
@@ -360,10 +364,11 @@ def test_eval_under_two_processes_writes_the_one_process_report(runs):
     assert text(two / "report.json", two) == text(one / "report.json", one)
     assert text(two / "report.md", two) == text(one / "report.md", one)
     hyps = sorted(p.name for p in (one / "hyps").iterdir())
-    assert hyps == sorted(p.name for p in (two / "hyps").iterdir()) and hyps
+    assert hyps == sorted(p.name for p in (two / "hyps").iterdir()) and len(hyps) == 4
     for name in hyps:
+        # The same hypotheses in the same order (longest first, as one process decodes).
         assert (two / "hyps" / name).read_text() == (one / "hyps" / name).read_text()
-    assert len((one / "hyps" / hyps[0]).read_text().splitlines()) == 8
+    assert len((one / "hyps" / "sft.test.jsonl").read_text().splitlines()) == 170
     # Rank 0 printed the closing line, rank 1 did not.
     assert (runs["two"] / "stdout.txt").read_text().count("eval done:") == 1
 
