@@ -35,6 +35,7 @@ class EncoderConfig:
     n_heads: int = 4
     ff_mult: int = 4
     conv_kernel: int = 15
+    subsampling_channels: int | None = None  # channels of the x4 conv front-end; None: d_model
     dropout: float = 0.1
     # Hidden layers combined by a learned softmax-weighted sum (the paper combines several
     # layers); None uses the last layer only.

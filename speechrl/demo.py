@@ -31,8 +31,8 @@ class DemoScale:
     eval_every: int
 
 
-FULL = DemoScale(utts=400, lm_steps=200, ctc_steps=900, sft_steps=600, grpo_steps=100,
-                 adapt_steps=60, eval_every=200)
+FULL = DemoScale(utts=1000, lm_steps=200, ctc_steps=600, sft_steps=1500, grpo_steps=100,
+                 adapt_steps=60, eval_every=300)
 QUICK = DemoScale(utts=60, lm_steps=60, ctc_steps=150, sft_steps=120, grpo_steps=15,
                   adapt_steps=10, eval_every=60)
 
