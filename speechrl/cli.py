@@ -91,7 +91,14 @@ def run_command(args: argparse.Namespace) -> int:
             from speechrl.train.sft import train_sft as run
         else:
             from speechrl.train.grpo import train_grpo as run
-        out = run(cfg)
+        from speechrl.train.common import RunStopped
+
+        try:
+            out = run(cfg)
+        except RunStopped as stopped:  # saved and stopped on purpose: say why, no stack trace
+            if is_main():
+                print(str(stopped), file=sys.stderr, flush=True)
+            return stopped.exit_code
         if is_main():
             print(f"{command} done: {out}")
         return 0

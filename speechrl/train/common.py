@@ -13,7 +13,9 @@ import contextlib
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -411,3 +413,72 @@ def maybe_resume(run: Run, model, optimizer, scheduler) -> TrainerState:
     restore_rng(state, payload)
     say(f"resuming {run.stage} from {last} at step {state.step}")
     return state
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+class RunStopped(RuntimeError):
+    """A run stopped early on purpose (a signal, too many non-finite steps) after saving
+    ``output_dir/last``; ``exit_code`` is what the command line exits with."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopRequest:
+    """Set by SIGTERM / SIGINT, polled by the loop once per step: the step under way finishes,
+    then the run saves and stops. A second signal stops at once (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping now")
+        self.signum = signum
+        say(f"{signal.Signals(signum).name} received: finishing this step, then saving")
+
+    def requested(self) -> bool:
+        """Whether any rank was signalled (every rank must stop at the same step, or the
+        others would wait forever in the next collective)."""
+        return distributed.all_reduce_sum([1.0 if self.signum is not None else 0.0])[0] > 0
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """SIGTERM and SIGINT set a :class:`StopRequest` instead of killing the process; the
+    previous handlers come back when the block ends. Outside the main thread (where Python
+    cannot install handlers) the request is never set."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {s: signal.signal(s, request._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield request
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def stop_if_needed(run: Run, request: StopRequest, model, optimizer, scheduler,
+                   state: TrainerState) -> None:
+    """Between steps: after a signal, or after ``train.max_nonfinite_steps`` skipped steps in a
+    row, save ``output_dir/last`` and raise :class:`RunStopped` saying what happened."""
+    limit = run.cfg.train.max_nonfinite_steps
+    if state.nonfinite_in_row >= limit:
+        save_training_checkpoint(run, model, optimizer, scheduler, state)
+        raise RunStopped(
+            f"{run.stage}: {state.nonfinite_in_row} non-finite steps in a row (loss or gradient "
+            f"NaN/inf) up to step {state.step}; stopped with a checkpoint in {run.last_dir} "
+            "holding the last good weights. Lower train.lr or check the data, then run the "
+            "same command again to resume.", exit_code=1)
+    if request.requested():
+        save_training_checkpoint(run, model, optimizer, scheduler, state)
+        name = signal.Signals(request.signum).name if request.signum else "a signal on another rank"
+        raise RunStopped(
+            f"{run.stage}: stopped by {name} after step {state.step}; checkpoint saved in "
+            f"{run.last_dir}. Run the same command again to resume.",
+            exit_code=128 + (request.signum or signal.SIGTERM))

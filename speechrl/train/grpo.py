@@ -63,6 +63,8 @@ from speechrl.train.common import (
     progress,
     save_training_checkpoint,
     start_run,
+    stop_if_needed,
+    stop_on_signals,
 )
 from speechrl.train.sft import skip_nonfinite
 from speechrl.train.speech import dev_evaluation, keep_if_best, load_or_build_model, speech_loaders
@@ -124,25 +126,30 @@ def train_grpo(cfg: RunConfig) -> Path:
     reward_fn = build_reward_fn(grpo)
 
     bar = progress(cfg.train.max_steps, state.step, f"grpo ({grpo.algorithm})")
-    while state.step < cfg.train.max_steps:
-        # Sampling seeds derive from the seed and the step (and each audio's id), which keeps
-        # a resumed run exact without saving any generator.
-        step_seed = cfg.train.seed * 1_000_003 + state.step
-        stats = grpo_step(run, policy, reference, optimizer, batches, reward_fn, step_seed, state)
-        scheduler.step()
-        state.step += 1
-        bar.update(1)
-        if stats is not None:
-            stats["lr"] = scheduler.get_last_lr()[0]
-            if state.step % cfg.train.log_every == 0 or state.step == 1:
-                run.logger.log(state.step, stats, prefix="train/")
-            bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", wer=f"{stats['sample_wer']:.3f}")
-        end = state.step == cfg.train.max_steps
-        if dev_loader is not None and (state.step % cfg.train.eval_every == 0 or end):
-            dev = dev_evaluation(policy, dev_loader, run, grpo.normalizer)
-            keep_if_best(run, policy, state, dev)
-        if state.step % cfg.train.save_every == 0 or end:
-            save_training_checkpoint(run, policy, optimizer, scheduler, state)
+    with stop_on_signals() as stop:
+        while state.step < cfg.train.max_steps:
+            # Sampling seeds derive from the seed and the step (and each audio's id), which keeps
+            # a resumed run exact without saving any generator.
+            step_seed = cfg.train.seed * 1_000_003 + state.step
+            stats = grpo_step(run, policy, reference, optimizer, batches, reward_fn, step_seed,
+                              state)
+            scheduler.step()
+            state.step += 1
+            bar.update(1)
+            if stats is not None:
+                stats["lr"] = scheduler.get_last_lr()[0]
+                if state.step % cfg.train.log_every == 0 or state.step == 1:
+                    run.logger.log(state.step, stats, prefix="train/")
+                bar.set_postfix(reward=f"{stats['reward_mean']:.3f}",
+                                wer=f"{stats['sample_wer']:.3f}")
+            end = state.step == cfg.train.max_steps
+            if dev_loader is not None and (state.step % cfg.train.eval_every == 0 or end):
+                dev = dev_evaluation(policy, dev_loader, run, grpo.normalizer)
+                keep_if_best(run, policy, state, dev)
+            if state.step % cfg.train.save_every == 0 or end:
+                save_training_checkpoint(run, policy, optimizer, scheduler, state)
+            if not end:  # a signal, or too many non-finite steps: save, then stop
+                stop_if_needed(run, stop, policy, optimizer, scheduler, state)
     bar.close()
     run.logger.close()
     return run.best_dir if run.best_dir.exists() else run.last_dir

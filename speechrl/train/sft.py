@@ -34,6 +34,8 @@ from speechrl.train.common import (
     save_training_checkpoint,
     say,
     start_run,
+    stop_if_needed,
+    stop_on_signals,
 )
 from speechrl.train.speech import dev_evaluation, keep_if_best, load_or_build_model, speech_loaders
 
@@ -49,21 +51,24 @@ def train_sft(cfg: RunConfig) -> Path:
     batches = endless_batches(train_loader, state)
 
     bar = progress(cfg.train.max_steps, state.step, "sft")
-    while state.step < cfg.train.max_steps:
-        stats = sft_step(run, model, optimizer, batches, state)
-        scheduler.step()
-        state.step += 1
-        bar.update(1)
-        if stats is not None and state.step % cfg.train.log_every == 0:
-            stats["lr"] = scheduler.get_last_lr()[0]
-            run.logger.log(state.step, stats, prefix="train/")
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}")
-        end = state.step == cfg.train.max_steps
-        if dev_loader is not None and (state.step % cfg.train.eval_every == 0 or end):
-            dev = dev_evaluation(model, dev_loader, run, cfg.grpo.normalizer)
-            keep_if_best(run, model, state, dev)
-        if state.step % cfg.train.save_every == 0 or end:
-            save_training_checkpoint(run, model, optimizer, scheduler, state)
+    with stop_on_signals() as stop:
+        while state.step < cfg.train.max_steps:
+            stats = sft_step(run, model, optimizer, batches, state)
+            scheduler.step()
+            state.step += 1
+            bar.update(1)
+            if stats is not None and state.step % cfg.train.log_every == 0:
+                stats["lr"] = scheduler.get_last_lr()[0]
+                run.logger.log(state.step, stats, prefix="train/")
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}")
+            end = state.step == cfg.train.max_steps
+            if dev_loader is not None and (state.step % cfg.train.eval_every == 0 or end):
+                dev = dev_evaluation(model, dev_loader, run, cfg.grpo.normalizer)
+                keep_if_best(run, model, state, dev)
+            if state.step % cfg.train.save_every == 0 or end:
+                save_training_checkpoint(run, model, optimizer, scheduler, state)
+            if not end:  # a signal, or too many non-finite steps: save, then stop
+                stop_if_needed(run, stop, model, optimizer, scheduler, state)
     bar.close()
     run.logger.close()
     return run.best_dir if run.best_dir.exists() else run.last_dir
@@ -101,13 +106,10 @@ def sft_step(run: Run, model, optimizer, batches, state: TrainerState) -> dict |
 
 
 def skip_nonfinite(run: Run, state: TrainerState, optimizer) -> None:
+    """Drop the step's gradients and count it; the loop's :func:`stop_if_needed` stops the run
+    (with a checkpoint) after ``train.max_nonfinite_steps`` in a row."""
     optimizer.zero_grad(set_to_none=True)
     state.nonfinite_in_row += 1
     state.nonfinite_total += 1
     say(f"step {state.step}: non-finite loss or gradient, step skipped "
-        f"({state.nonfinite_in_row} in a row)")
-    if state.nonfinite_in_row >= run.cfg.train.max_nonfinite_steps:
-        raise FloatingPointError(
-            f"{state.nonfinite_in_row} non-finite steps in a row at step {state.step}; "
-            f"the last good checkpoint is {run.last_dir}. Lower train.lr or check the data."
-        )
+        f"({state.nonfinite_in_row} in a row, limit {run.cfg.train.max_nonfinite_steps})")

@@ -1,0 +1,151 @@
+"""Runs that are stopped, killed, fed NaNs or refused a disk: each must keep a whole checkpoint,
+say what happened, and (run again) end with exactly the weights of an uninterrupted run.
+
+The interrupted runs are real ``python -m speechrl.cli`` processes, so that the signals reach
+the same code a user's job scheduler would; the uninterrupted reference runs in-process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_train import run_config, write_tone_corpus
+
+from speechrl.config import GRPOConfig, RunConfig, to_dict
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("reliability")
+    return {"train": write_tone_corpus(root / "train", 32, seed=0),
+            "dev": write_tone_corpus(root / "dev", 4, seed=1)}
+
+
+def sft_config(root: Path, corpus, model_cfg, **train) -> RunConfig:
+    settings = dict(max_steps=12, save_every=2, eval_every=1000, batch_size=4, dev_utterances=4)
+    settings.update(train)
+    return run_config(root, corpus, model_cfg, **settings)
+
+
+def grpo_config(root: Path, corpus, model_cfg, init: Path, **train) -> RunConfig:
+    settings = dict(max_steps=8, save_every=2, eval_every=1000, batch_size=2, dev_utterances=4,
+                    lr=1e-3, init=str(init))
+    settings.update(train)
+    cfg = run_config(root, corpus, model_cfg, **settings)
+    return dataclasses.replace(cfg, grpo=GRPOConfig(group_size=4, max_new_tokens=8))
+
+
+def start(stage: str, cfg: RunConfig, folder: Path) -> subprocess.Popen:
+    """``python -m speechrl.cli <stage> --config <yaml>``: the user's command, in the background."""
+    config = folder / f"{stage}.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "speechrl.cli", stage, "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before {path} appeared:\n"
+                                 f"{proc.stderr.read()}")
+        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
+        time.sleep(0.02)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120.0) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def last_weights(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(cfg.train.output_dir) / "last" / "model.safetensors"))
+
+
+def last_step(cfg: RunConfig) -> int:
+    state = Path(cfg.train.output_dir) / "last" / "trainer_state.json"
+    return json.loads(state.read_text())["step"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def sft_reference(tmp_path_factory, corpus, tiny_model_config_module):
+    """The uninterrupted 12-step SFT run every interrupted one must end up equal to."""
+    from speechrl.train.sft import train_sft
+
+    cfg = sft_config(tmp_path_factory.mktemp("straight"), corpus, tiny_model_config_module)
+    train_sft(cfg)
+    return last_weights(cfg)
+
+
+def test_sigterm_saves_exits_nonzero_and_resumes_exactly(tmp_path, corpus, sft_reference,
+                                                         tiny_model_config_module):
+    # save_every beyond max_steps: the only checkpoint before the end is the one the signal makes.
+    cfg = sft_config(tmp_path, corpus, tiny_model_config_module, save_every=1000)
+    proc = start("sft", cfg, tmp_path)
+    wait_for(tmp_path / "run" / "metrics.jsonl", proc)  # the first step is logged
+    proc.send_signal(signal.SIGTERM)
+    rc, err = finish(proc)
+    assert rc == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "Run the same command again to resume" in err
+    stopped_at = last_step(cfg)
+    assert 1 <= stopped_at < 12
+    rc, err = finish(start("sft", cfg, tmp_path))
+    assert rc == 0, err
+    assert f"resuming sft from {tmp_path / 'run' / 'last'} at step {stopped_at}" in err
+    assert last_step(cfg) == 12
+    # The reference saved every 2 steps, this run only on the signal: saving changes nothing.
+    assert_same_weights(last_weights(cfg), sft_reference)
+
+
+def test_kill9_during_sft_resumes_exactly(tmp_path, corpus, sft_reference,
+                                          tiny_model_config_module):
+    cfg = sft_config(tmp_path, corpus, tiny_model_config_module)
+    proc = start("sft", cfg, tmp_path)
+    wait_for(tmp_path / "run" / "last" / "trainer_state.json", proc)
+    proc.kill()  # SIGKILL: no handler runs, no checkpoint is written on the way out
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = last_step(cfg)
+    assert killed_at < 12 and killed_at % 2 == 0
+    rc, err = finish(start("sft", cfg, tmp_path))
+    assert rc == 0, err
+    assert f"at step {killed_at}" in err
+    assert_same_weights(last_weights(cfg), sft_reference)
+
+
+def test_kill9_during_grpo_resumes_exactly(tmp_path, corpus, tiny_model_config_module):
+    from speechrl.train.grpo import train_grpo
+    from speechrl.train.sft import train_sft
+
+    init = train_sft(sft_config(tmp_path / "sft", corpus, tiny_model_config_module, max_steps=2))
+    straight = grpo_config(tmp_path / "straight", corpus, tiny_model_config_module, init)
+    train_grpo(straight)
+    cfg = grpo_config(tmp_path / "killed", corpus, tiny_model_config_module, init)
+    proc = start("grpo", cfg, tmp_path)
+    wait_for(tmp_path / "killed" / "run" / "last" / "trainer_state.json", proc)
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = last_step(cfg)
+    assert killed_at < 8
+    rc, err = finish(start("grpo", cfg, tmp_path))
+    assert rc == 0, err
+    assert f"resuming grpo from {tmp_path / 'killed' / 'run' / 'last'} at step {killed_at}" in err
+    assert_same_weights(last_weights(cfg), last_weights(straight))
