@@ -110,6 +110,11 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         yield tmp
         _fsync_tree(tmp)
         _swap_in(tmp, path)
+    except OSError as err:  # disk full, quota, permissions: say so, and what is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = (f"the previous checkpoint in {path} is unchanged" if path.exists()
+                else f"nothing was written to {path}")
+        raise CheckpointError(f"could not write the checkpoint {path}: {err}; {kept}") from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -179,7 +184,12 @@ def _swap_in(tmp: Path, path: Path) -> None:
         old = path.parent / f".{path.name}.old-{os.getpid()}"
         shutil.rmtree(old, ignore_errors=True)
         os.rename(path, old)
-    os.rename(tmp, path)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if old is not None:  # put the previous checkpoint back before reporting the failure
+            os.rename(old, path)
+        raise
     _fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old)

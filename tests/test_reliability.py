@@ -149,3 +149,64 @@ def test_kill9_during_grpo_resumes_exactly(tmp_path, corpus, tiny_model_config_m
     assert rc == 0, err
     assert f"resuming grpo from {tmp_path / 'killed' / 'run' / 'last'} at step {killed_at}" in err
     assert_same_weights(last_weights(cfg), last_weights(straight))
+
+
+def test_nonfinite_steps_in_a_row_stop_with_a_checkpoint(tmp_path, corpus,
+                                                        tiny_model_config_module, monkeypatch):
+    from speechrl.train import sft as sft_stage
+    from speechrl.train.common import RunStopped
+
+    good = sft_config(tmp_path / "good", corpus, tiny_model_config_module, max_steps=2)
+    sft_stage.train_sft(good)
+    calls = {"n": 0}
+    real_loss = sft_stage.sft_loss
+
+    def loss_nan_from_step_3(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 2 else loss
+
+    monkeypatch.setattr(sft_stage, "sft_loss", loss_nan_from_step_3)
+    cfg = sft_config(tmp_path / "nan", corpus, tiny_model_config_module, max_steps=20,
+                     save_every=1000, max_nonfinite_steps=3)
+    with pytest.raises(RunStopped, match="3 non-finite steps in a row .* up to step 5") as info:
+        sft_stage.train_sft(cfg)
+    assert info.value.exit_code == 1 and "Lower train.lr or check the data" in str(info.value)
+    # Steps 1-2 were good, 3-5 skipped (counted, the weights untouched): the checkpoint holds
+    # step 5, three skips, and exactly the weights of a 2-step run.
+    state = json.loads((Path(cfg.train.output_dir) / "last" / "trainer_state.json").read_text())
+    assert (state["step"], state["nonfinite_in_row"], state["nonfinite_total"]) == (5, 3, 3)
+    assert_same_weights(last_weights(cfg), last_weights(good))
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, corpus,
+                                                       tiny_model_config_module, monkeypatch):
+    import errno
+
+    import speechrl.checkpoint as ckpt
+    from speechrl.train.sft import train_sft
+
+    real_write = ckpt.write_checkpoint
+
+    def disk_full_at_step_4(model, folder, **kwargs):
+        real_write(model, folder, **kwargs)  # the files are there when the disk fills up
+        step = (kwargs.get("trainer_state") or {}).get("step")
+        if folder.name.startswith(".last.tmp-") and step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "write_checkpoint", disk_full_at_step_4)
+    cfg = sft_config(tmp_path, corpus, tiny_model_config_module, max_steps=4, save_every=2)
+    last = Path(cfg.train.output_dir) / "last"
+    with pytest.raises(ckpt.CheckpointError,
+                       match=f"could not write the checkpoint {last}: .*No space left on device; "
+                             f"the previous checkpoint in {last} is unchanged"):
+        train_sft(cfg)
+    assert last_step(cfg) == 2  # the step-2 checkpoint, whole: it loads and it resumes
+    model = ckpt.load_model(last)
+    weights = last_weights(cfg)
+    assert all(torch.equal(t, weights[k]) for k, t in model.state_dict().items() if k in weights)
+    # No half-written folder is left beside it.
+    assert sorted(p.name for p in last.parent.iterdir() if p.name.startswith(".")) == []
+    monkeypatch.setattr(ckpt, "write_checkpoint", real_write)
+    train_sft(cfg)
+    assert last_step(cfg) == 4
