@@ -91,6 +91,7 @@ def run_command(args: argparse.Namespace) -> int:
             from speechrl.train.sft import train_sft as run
         else:
             from speechrl.train.grpo import train_grpo as run
+        from speechrl.checkpoint import CheckpointError
         from speechrl.train.common import RunStopped
 
         try:
@@ -99,6 +100,9 @@ def run_command(args: argparse.Namespace) -> int:
             if is_main():
                 print(str(stopped), file=sys.stderr, flush=True)
             return stopped.exit_code
+        except CheckpointError as err:  # e.g. disk full: the message says what was kept
+            print(f"{command}: {err}", file=sys.stderr, flush=True)
+            return 1
         if is_main():
             print(f"{command} done: {out}")
         return 0
