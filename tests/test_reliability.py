@@ -214,3 +214,22 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, corpus,
     monkeypatch.setattr(ckpt, "write_checkpoint", real_write)
     train_sft(cfg)
     assert last_step(cfg) == 4
+
+
+@pytest.mark.parametrize("stage", ["pretrain-lm", "pretrain-encoder"])
+def test_sigterm_stops_the_pretraining_stages_with_a_checkpoint(tmp_path, corpus, stage,
+                                                                tiny_encoder_config):
+    from speechrl.config import ModelConfig, ProjectorConfig
+
+    model_cfg = (ModelConfig(projector=ProjectorConfig(stack=2)) if stage == "pretrain-lm"
+                 else ModelConfig(encoder=tiny_encoder_config))
+    cfg = run_config(tmp_path, corpus, model_cfg, max_steps=400, batch_size=8,
+                     eval_every=1000, save_every=1000)
+    proc = start(stage, cfg, tmp_path)
+    wait_for(tmp_path / "run" / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    rc, err = finish(proc)
+    assert rc == 128 + signal.SIGTERM, err
+    assert f"{stage}: stopped by SIGTERM after step" in err
+    assert "Run the same command again to resume" in err
+    assert 1 <= last_step(cfg) < 400

@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -464,19 +464,23 @@ def stop_on_signals() -> Iterator[StopRequest]:
 
 
 def stop_if_needed(run: Run, request: StopRequest, model, optimizer, scheduler,
-                   state: TrainerState) -> None:
+                   state: TrainerState, save: Callable[[], Any] | None = None) -> None:
     """Between steps: after a signal, or after ``train.max_nonfinite_steps`` skipped steps in a
-    row, save ``output_dir/last`` and raise :class:`RunStopped` saying what happened."""
+    row, save ``output_dir/last`` and raise :class:`RunStopped` saying what happened. ``save``
+    replaces :func:`save_training_checkpoint` for stages with their own folders (lm, ctc)."""
+    if save is None:
+        def save() -> Any:
+            return save_training_checkpoint(run, model, optimizer, scheduler, state)
     limit = run.cfg.train.max_nonfinite_steps
     if state.nonfinite_in_row >= limit:
-        save_training_checkpoint(run, model, optimizer, scheduler, state)
+        save()
         raise RunStopped(
             f"{run.stage}: {state.nonfinite_in_row} non-finite steps in a row (loss or gradient "
             f"NaN/inf) up to step {state.step}; stopped with a checkpoint in {run.last_dir} "
             "holding the last good weights. Lower train.lr or check the data, then run the "
             "same command again to resume.", exit_code=1)
     if request.requested():
-        save_training_checkpoint(run, model, optimizer, scheduler, state)
+        save()
         name = signal.Signals(request.signum).name if request.signum else "a signal on another rank"
         raise RunStopped(
             f"{run.stage}: stopped by {name} after step {state.step}; checkpoint saved in "

@@ -40,6 +40,8 @@ from speechrl.train.common import (
     save_optimizer_shards,
     say,
     start_run,
+    stop_if_needed,
+    stop_on_signals,
     training_payload,
 )
 
@@ -132,32 +134,37 @@ def train_ctc(cfg: RunConfig) -> Path:
     batches = endless_batches(train_loader, state)
 
     bar = progress(cfg.train.max_steps, state.step, "pretrain-encoder")
-    while state.step < cfg.train.max_steps:
-        batch = next(batches).to(run.device)
-        utterances = distributed.all_reduce_sum([len(batch)])[0]
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        loss = ctc_loss(model, batch, vocab, run, num_utterances=utterances)
-        (loss * distributed.world_size()).backward()  # DDP / FSDP2 average over ranks
-        loss_value = distributed.all_reduce_sum([loss.item()])[0]
-        grad_norm, finite = clip_and_check(model, cfg.train.grad_clip)
-        if finite and math.isfinite(loss_value):
-            optimizer.step()
-        scheduler.step()
-        state.step += 1
-        bar.update(1)
-        if state.step % cfg.train.log_every == 0:
-            run.logger.log(state.step, {"loss": loss_value, "grad_norm": grad_norm,
-                                        "lr": scheduler.get_last_lr()[0]}, prefix="train/")
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-        end = state.step == cfg.train.max_steps
-        if dev_loader is not None and (state.step % cfg.train.eval_every == 0 or end):
-            dev = ctc_dev(model, dev_loader, vocab, run)
-            run.logger.log(state.step, dev, prefix="dev/")
-            say(f"step {state.step}: dev CTC loss {dev['loss']:.3f}, greedy CER "
-                f"{100 * dev['cer']:.1f}%, WER {100 * dev['wer']:.1f}%")
-        if state.step % cfg.train.save_every == 0 or end:
-            save_ctc(run, model, vocab, optimizer, scheduler, state)
+    with stop_on_signals() as stop:
+        while state.step < cfg.train.max_steps:
+            batch = next(batches).to(run.device)
+            utterances = distributed.all_reduce_sum([len(batch)])[0]
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            loss = ctc_loss(model, batch, vocab, run, num_utterances=utterances)
+            (loss * distributed.world_size()).backward()  # DDP / FSDP2 average over ranks
+            loss_value = distributed.all_reduce_sum([loss.item()])[0]
+            grad_norm, finite = clip_and_check(model, cfg.train.grad_clip)
+            if finite and math.isfinite(loss_value):
+                optimizer.step()
+            scheduler.step()
+            state.step += 1
+            bar.update(1)
+            if state.step % cfg.train.log_every == 0:
+                run.logger.log(state.step, {"loss": loss_value, "grad_norm": grad_norm,
+                                            "lr": scheduler.get_last_lr()[0]}, prefix="train/")
+                bar.set_postfix(loss=f"{loss_value:.3f}")
+            end = state.step == cfg.train.max_steps
+            if dev_loader is not None and (state.step % cfg.train.eval_every == 0 or end):
+                dev = ctc_dev(model, dev_loader, vocab, run)
+                run.logger.log(state.step, dev, prefix="dev/")
+                say(f"step {state.step}: dev CTC loss {dev['loss']:.3f}, greedy CER "
+                    f"{100 * dev['cer']:.1f}%, WER {100 * dev['wer']:.1f}%")
+            if state.step % cfg.train.save_every == 0 or end:
+                save_ctc(run, model, vocab, optimizer, scheduler, state)
+            if not end:  # a signal: save, then stop
+                stop_if_needed(run, stop, model, optimizer, scheduler, state,
+                               save=lambda: save_ctc(run, model, vocab, optimizer, scheduler,
+                                                     state))
     bar.close()
     run.logger.close()
     return run.output_dir / "encoder"

@@ -38,6 +38,8 @@ from speechrl.train.common import (
     save_optimizer_shards,
     say,
     start_run,
+    stop_if_needed,
+    stop_on_signals,
     training_payload,
 )
 
@@ -108,36 +110,43 @@ def train_lm(cfg: RunConfig) -> Path:
     batch_size = cfg.train.batch_size or 32  # sequences over all ranks
 
     bar = progress(cfg.train.max_steps, state.step, "pretrain-lm")
-    while state.step < cfg.train.max_steps:
-        batch = rank_share(next_lm_batch(train_seqs, batch_size, state, cfg.train.seed))
-        ids, labels = collate_sequences(batch, tokenizer.pad_id)
-        # Predicted tokens (labels shifted by one) over all ranks normalise each rank's sum.
-        tokens = distributed.all_reduce_sum([int((labels[:, 1:] != -100).sum())])[0]
-        llm.train()
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(run.device, cfg.train.precision):
-            loss = llm(input_ids=ids.to(run.device), attention_mask=(labels != -100).to(run.device),
-                       labels=labels.to(run.device), num_items_in_batch=max(tokens, 1)).loss
-        (loss * distributed.world_size()).backward()  # DDP / FSDP2 average over ranks
-        loss_value = distributed.all_reduce_sum([loss.item()])[0]
-        grad_norm, finite = clip_and_check(llm, cfg.train.grad_clip)
-        if finite and np.isfinite(loss_value):
-            optimizer.step()
-        scheduler.step()
-        state.step += 1
-        bar.update(1)
-        if state.step % cfg.train.log_every == 0:
-            run.logger.log(state.step, {"loss": loss_value, "grad_norm": grad_norm,
-                                        "lr": scheduler.get_last_lr()[0]}, prefix="train/")
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-        end = state.step == cfg.train.max_steps
-        if dev_seqs and (state.step % cfg.train.eval_every == 0 or end):
-            dev_loss = lm_dev_loss(llm, dev_seqs, tokenizer.pad_id, run)
-            run.logger.log(state.step, {"loss": dev_loss, "perplexity": float(np.exp(dev_loss))},
-                           prefix="dev/")
-            say(f"step {state.step}: dev loss {dev_loss:.3f} (perplexity {np.exp(dev_loss):.1f})")
-        if state.step % cfg.train.save_every == 0 or end:
-            save_lm(run, llm, tokenizer, optimizer, scheduler, state)
+    with stop_on_signals() as stop:
+        while state.step < cfg.train.max_steps:
+            batch = rank_share(next_lm_batch(train_seqs, batch_size, state, cfg.train.seed))
+            ids, labels = collate_sequences(batch, tokenizer.pad_id)
+            # Predicted tokens (labels shifted by one) over all ranks normalise each rank's sum.
+            tokens = distributed.all_reduce_sum([int((labels[:, 1:] != -100).sum())])[0]
+            llm.train()
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(run.device, cfg.train.precision):
+                loss = llm(input_ids=ids.to(run.device),
+                           attention_mask=(labels != -100).to(run.device),
+                           labels=labels.to(run.device), num_items_in_batch=max(tokens, 1)).loss
+            (loss * distributed.world_size()).backward()  # DDP / FSDP2 average over ranks
+            loss_value = distributed.all_reduce_sum([loss.item()])[0]
+            grad_norm, finite = clip_and_check(llm, cfg.train.grad_clip)
+            if finite and np.isfinite(loss_value):
+                optimizer.step()
+            scheduler.step()
+            state.step += 1
+            bar.update(1)
+            if state.step % cfg.train.log_every == 0:
+                run.logger.log(state.step, {"loss": loss_value, "grad_norm": grad_norm,
+                                            "lr": scheduler.get_last_lr()[0]}, prefix="train/")
+                bar.set_postfix(loss=f"{loss_value:.3f}")
+            end = state.step == cfg.train.max_steps
+            if dev_seqs and (state.step % cfg.train.eval_every == 0 or end):
+                dev_loss = lm_dev_loss(llm, dev_seqs, tokenizer.pad_id, run)
+                perplexity = float(np.exp(dev_loss))
+                run.logger.log(state.step, {"loss": dev_loss, "perplexity": perplexity},
+                               prefix="dev/")
+                say(f"step {state.step}: dev loss {dev_loss:.3f} (perplexity {perplexity:.1f})")
+            if state.step % cfg.train.save_every == 0 or end:
+                save_lm(run, llm, tokenizer, optimizer, scheduler, state)
+            if not end:  # a signal: save, then stop
+                stop_if_needed(run, stop, llm, optimizer, scheduler, state,
+                               save=lambda: save_lm(run, llm, tokenizer, optimizer, scheduler,
+                                                    state))
     bar.close()
     run.logger.close()
     return run.output_dir / "model"
