@@ -195,6 +195,20 @@ def _swap_in(tmp: Path, path: Path) -> None:
         shutil.rmtree(old)
 
 
+def recover_swap(path: str | Path) -> bool:
+    """Put back the previous checkpoint when a kill fell between the two renames of
+    :func:`_swap_in` (``path`` gone, ``.<name>.old-<pid>`` still there); True if it did."""
+    path = Path(path)
+    if path.exists() or not path.parent.is_dir():
+        return False
+    left = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not left:
+        return False
+    os.rename(left[-1], path)
+    _fsync_dir(path.parent)
+    return True
+
+
 # --------------------------------------------------------------------------- load
 
 

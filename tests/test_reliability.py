@@ -233,3 +233,21 @@ def test_sigterm_stops_the_pretraining_stages_with_a_checkpoint(tmp_path, corpus
     assert f"{stage}: stopped by SIGTERM after step" in err
     assert "Run the same command again to resume" in err
     assert 1 <= last_step(cfg) < 400
+
+
+def test_kill_between_the_renames_of_a_save_loses_no_checkpoint(tmp_path, corpus,
+                                                                 tiny_model_config_module,
+                                                                 capsys):
+    from speechrl.train.sft import train_sft
+
+    cfg = sft_config(tmp_path, corpus, tiny_model_config_module, max_steps=2)
+    train_sft(cfg)
+    last = Path(cfg.train.output_dir) / "last"
+    # What a kill leaves after the old folder was moved aside and before the new one came in.
+    last.rename(last.parent / ".last.old-12345")
+    (last.parent / ".last.tmp-abc").mkdir()
+    train_sft(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=4)))
+    err = capsys.readouterr().err
+    assert "the previous checkpoint is back in place" in err
+    assert f"resuming sft from {last} at step 2" in err
+    assert last_step(cfg) == 4

@@ -284,6 +284,13 @@ def start_run(cfg: RunConfig, stage: str) -> Run:
     # The same seed on every rank: FSDP2 shards each rank's own copy of the initial weights, so
     # they must agree (DDP would broadcast rank 0's anyway).
     seed_everything(cfg.train.seed)
+    if world.is_main:
+        from speechrl.checkpoint import recover_swap
+
+        if recover_swap(output_dir / "last"):
+            say(f"{output_dir / 'last'} was being replaced when the last run died; the "
+                "previous checkpoint is back in place")
+    distributed.barrier()  # no rank looks for ``last`` before it is back
     return Run(cfg, stage, output_dir, world.device, MetricsLogger(output_dir), world)
 
 
