@@ -159,3 +159,29 @@ def test_ctc_pretraining_loss_falls(tmp_path, tone_corpus, tiny_encoder_config):
     # Later stages load the saved encoder by path, frozen.
     encoder = build_encoder(EncoderConfig(kind="conformer", path=str(out)))
     assert encoder.frozen and encoder.output_dim == tiny_encoder_config.d_model
+
+
+@pytest.mark.parametrize("stage", ["pretrain-lm", "pretrain-encoder"])
+def test_pretraining_resume_matches_uninterrupted_run(tmp_path, tone_corpus, tiny_encoder_config,
+                                                      stage):
+    from speechrl.train.ctc import train_ctc
+    from speechrl.train.lm import train_lm
+
+    if stage == "pretrain-lm":
+        train, model_cfg, extra = train_lm, ModelConfig(projector=ProjectorConfig(stack=2)), \
+            {"batch_size": 8}
+    else:
+        train, model_cfg, extra = train_ctc, ModelConfig(encoder=tiny_encoder_config), {}
+
+    def run(folder: str, steps: int) -> None:
+        train(run_config(tmp_path / folder, tone_corpus, model_cfg, max_steps=steps,
+                         save_every=3, eval_every=steps, **extra))
+
+    run("straight", 6)
+    run("resumed", 3)  # interrupted after its step-3 checkpoint, then the same command to 6
+    run("resumed", 6)
+    a = load_file(str(tmp_path / "straight" / "run" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "run" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -33,9 +33,8 @@ from speechrl.train.common import (
     clip_and_check,
     endless_batches,
     local_batch_size,
+    maybe_resume,
     progress,
-    restore_optimizer,
-    restore_rng,
     resume_folder,
     save_optimizer_shards,
     say,
@@ -130,7 +129,7 @@ def train_ctc(cfg: RunConfig) -> Path:
     model = distributed.wrap_model(plain, run.world, cfg.train.parallel)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
-    state = resume_ctc(run, model, optimizer, scheduler)
+    state = maybe_resume(run, model, optimizer, scheduler)
     batches = endless_batches(train_loader, state)
 
     bar = progress(cfg.train.max_steps, state.step, "pretrain-encoder")
@@ -251,18 +250,3 @@ def plain_encoder(run: Run, model, weights: dict[str, torch.Tensor]) -> nn.Modul
     encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in weights.items()
                              if k.startswith("encoder.")})
     return encoder
-
-
-def resume_ctc(run: Run, model, optimizer, scheduler) -> TrainerState:
-    """Optimizer, schedule, data position and RNG of ``output_dir/last`` (the weights were
-    loaded before wrapping), or a fresh state."""
-    last = resume_folder(run)
-    if last is None:
-        return TrainerState()
-    extra = torch.load(last / "optimizer.pt", weights_only=True)
-    restore_optimizer(model, optimizer, last, extra)
-    scheduler.load_state_dict(extra["scheduler"])
-    state = TrainerState.from_json(json.loads((last / "trainer_state.json").read_text()))
-    restore_rng(state, extra)
-    say(f"resuming pretrain-encoder from {last} at step {state.step}")
-    return state

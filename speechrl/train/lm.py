@@ -31,9 +31,8 @@ from speechrl.train.common import (
     build_optimizer,
     build_scheduler,
     clip_and_check,
+    maybe_resume,
     progress,
-    restore_optimizer,
-    restore_rng,
     resume_folder,
     save_optimizer_shards,
     say,
@@ -106,7 +105,7 @@ def train_lm(cfg: RunConfig) -> Path:
     llm = distributed.wrap_model(plain, run.world, cfg.train.parallel)
     optimizer = build_optimizer(llm, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
-    state = resume_lm(run, llm, optimizer, scheduler)
+    state = maybe_resume(run, llm, optimizer, scheduler)
     batch_size = cfg.train.batch_size or 32  # sequences over all ranks
 
     bar = progress(cfg.train.max_steps, state.step, "pretrain-lm")
@@ -234,18 +233,3 @@ def save_lm(run: Run, llm, tokenizer, optimizer, scheduler, state: TrainerState)
             if name == "last":
                 torch.save(payload, tmp / "optimizer.pt")
                 (tmp / "trainer_state.json").write_text(json.dumps(state.to_json()))
-
-
-def resume_lm(run: Run, llm, optimizer, scheduler) -> TrainerState:
-    """Optimizer, schedule, data position and RNG of ``output_dir/last`` (the weights were
-    loaded before wrapping), or a fresh state."""
-    last = resume_folder(run)
-    if last is None:
-        return TrainerState()
-    extra = torch.load(last / "optimizer.pt", weights_only=True)
-    restore_optimizer(llm, optimizer, last, extra)
-    scheduler.load_state_dict(extra["scheduler"])
-    state = TrainerState.from_json(json.loads((last / "trainer_state.json").read_text()))
-    restore_rng(state, extra)
-    say(f"resuming pretrain-lm from {last} at step {state.step}")
-    return state
