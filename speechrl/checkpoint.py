@@ -50,6 +50,7 @@ REQUIRED = (
     f"{LLM_DIR}/config.json",
     f"{ENCODER_DIR}/config.json",
     f"{TOKENIZER_DIR}/tokenizer.json",
+    f"{TOKENIZER_DIR}/tokenizer_config.json",  # without it the prompt's BOS / EOS could change
 )
 
 
@@ -213,11 +214,19 @@ def recover_swap(path: str | Path) -> bool:
 
 
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+    *, trust_remote_code: bool = False,
 ) -> SpeechLLM:
-    """The :class:`SpeechLLM` saved in ``path``, on ``device``, cast to ``dtype`` if given."""
+    """The :class:`SpeechLLM` saved in ``path``, on ``device``, cast to ``dtype`` if given.
+
+    ``trust_remote_code`` is the caller's to give (a run's ``model.trust_remote_code``): the
+    value saved in the checkpoint never switches it on by itself. Any file of the folder that is
+    missing, not JSON, truncated or at odds with the rest raises :class:`CheckpointError` naming
+    it."""
     path = _check_folder(path)
     manifest = _read_json(path / MANIFEST)
+    for config_file in sorted(path.glob("*/*.json")):  # a clear message before HF's own
+        _read_json(config_file)
     try:
         cfg = from_dict(ModelConfig, manifest["model"])
     except (KeyError, TypeError, ValueError) as err:
@@ -228,15 +237,36 @@ def load_model(
         encoder=dataclasses.replace(cfg.encoder, path=str(path / ENCODER_DIR)),
         llm=dataclasses.replace(cfg.llm, path=str(path / LLM_DIR)),
         tokenizer=str(path / TOKENIZER_DIR),
+        trust_remote_code=trust_remote_code,
     )
+    tokenizer = _load_tokenizer(path, manifest, trust_remote_code)
     try:
-        tokenizer = SpeechTokenizer.from_pretrained(path / TOKENIZER_DIR)
         model = SpeechLLM.from_config(inside, tokenizer, load_weights=False)
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise CheckpointError(f"cannot rebuild the model saved in {path}: {err}") from err
+    except Exception as err:  # HF and torch raise many types for a config with bad values
+        raise CheckpointError(
+            f"cannot rebuild the model from {path / LLM_DIR / 'config.json'} and "
+            f"{path / ENCODER_DIR / 'config.json'}: {type(err).__name__}: {err}") from err
     load_weights(model, path)
     model.config = cfg  # as the user wrote it: re-saving keeps the model's provenance
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def _load_tokenizer(path: Path, manifest: dict[str, Any],
+                    trust_remote_code: bool) -> SpeechTokenizer:
+    """The checkpoint's tokenizer, checked against the prompt tokens ``speechrl.json`` recorded
+    (a changed tokenizer would give the prompt other ids than the model learned)."""
+    folder = path / TOKENIZER_DIR
+    try:
+        tokenizer = SpeechTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as err:  # tokenizers raises bare Exceptions for a malformed file
+        raise CheckpointError(f"cannot load the tokenizer in {folder}: {type(err).__name__}: "
+                              f"{err}") from err
+    recorded = (manifest.get("prompt") or {}).get("tokens")
+    if recorded and tokenizer.prompt_tokens() != recorded:
+        raise CheckpointError(
+            f"the tokenizer in {folder} gives the prompt tokens {tokenizer.prompt_tokens()}, "
+            f"but {path / MANIFEST} recorded {recorded}: its files were changed")
+    return tokenizer
 
 
 def load_weights(model: SpeechLLM, path: str | Path) -> None:
@@ -271,13 +301,25 @@ def load_training_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any
         # weights_only: tensors and plain containers only; no arbitrary object is unpickled.
         optimizer_state = torch.load(optimizer_file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for a bad file
-        raise CheckpointError(f"cannot read {optimizer_file}: {err}") from err
+        raise CheckpointError(
+            f"cannot read {optimizer_file}: it is corrupt or truncated, or holds more than "
+            f"tensors and plain containers (never unpickled): {_torch_load_error(err)}") from err
     if not isinstance(optimizer_state, dict):
         raise CheckpointError(
             f"{optimizer_file} holds a {type(optimizer_state).__name__}, "
             f"not an optimizer state dict"
         )
     return trainer_state, optimizer_state
+
+
+def _torch_load_error(err: Exception) -> str:
+    """The informative part of torch.load's message: its weights-only failures come wrapped in
+    advice to retry unsafely, which is wrong for a corrupt file."""
+    text = str(err)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].split("Check the documentation", 1)[0]
+    return " ".join(text.split())[:300]
 
 
 def _check_folder(path: str | Path) -> Path:

@@ -74,6 +74,9 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     tokenizer: str | None = None  # HF tokenizer folder; defaults to the LLM's own
     instruction: str = "Convert speech to text"
+    # Let Hugging Face run Python shipped inside a model folder (its auto_map): only for folders
+    # you trust. Off, models that need it fail to load with transformers' own message.
+    trust_remote_code: bool = False
 
 
 # --------------------------------------------------------------------------- data

@@ -417,12 +417,13 @@ def read_safetensors(directory: Path, prefixes: Sequence[str] = ("",)) -> dict[s
     return state
 
 
-def read_hf_config(path: str | Path | None, kind: str) -> PretrainedConfig:
+def read_hf_config(path: str | Path | None, kind: str,
+                   trust_remote_code: bool = False) -> PretrainedConfig:
     if path is None:
         raise ValueError(f"encoder.kind={kind!r} needs encoder.path (a Hugging Face folder)")
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"no Hugging Face model at {path}: config.json is missing")
-    config = AutoConfig.from_pretrained(str(path))
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if config.model_type != kind:
         raise ValueError(
             f"encoder.kind={kind!r} but {path} holds a {config.model_type!r} model; set "
@@ -449,10 +450,11 @@ class WhisperSpeechEncoder(SpeechEncoder):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, layers: Sequence[int] | None = None, load_weights: bool = True
+        cls, path: str | Path, layers: Sequence[int] | None = None, load_weights: bool = True,
+        trust_remote_code: bool = False,
     ) -> WhisperSpeechEncoder:
         """From a full Whisper folder (encoder weights picked out) or an encoder-only one."""
-        config = read_hf_config(path, "whisper")
+        config = read_hf_config(path, "whisper", trust_remote_code)
         model = WhisperEncoder(config)
         if load_weights:
             state = read_safetensors(Path(path), ("model.encoder.", "encoder.", ""))
@@ -518,12 +520,13 @@ class WaveformSpeechEncoder(SpeechEncoder):
         kind: str,
         layers: Sequence[int] | None = None,
         load_weights: bool = True,
+        trust_remote_code: bool = False,
     ) -> WaveformSpeechEncoder:
-        config = read_hf_config(path, kind)
+        config = read_hf_config(path, kind, trust_remote_code)
         if load_weights:
-            model = AutoModel.from_pretrained(str(path))
+            model = AutoModel.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         else:
-            model = AutoModel.from_config(config)
+            model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
         preprocessor = Path(path) / "preprocessor_config.json"
         normalize = preprocessor.is_file() and bool(
             json.loads(preprocessor.read_text()).get("do_normalize", False)
@@ -592,11 +595,13 @@ def normalize_waveform(wave: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- factory
 
 
-def build_encoder(cfg: EncoderConfig, *, load_weights: bool = True) -> SpeechEncoder:
+def build_encoder(cfg: EncoderConfig, *, load_weights: bool = True,
+                  trust_remote_code: bool = False) -> SpeechEncoder:
     """The encoder ``cfg`` describes, frozen if ``cfg.freeze``.
 
     ``load_weights=False`` builds the architecture only (from ``cfg.path``'s config): checkpoints
-    load their own copy of the weights afterwards.
+    load their own copy of the weights afterwards. ``trust_remote_code`` goes to every Hugging
+    Face loader (``model.trust_remote_code``).
     """
     layers = tuple(cfg.layers) if cfg.layers else None
     if cfg.kind == "conformer":
@@ -605,14 +610,16 @@ def build_encoder(cfg: EncoderConfig, *, load_weights: bool = True) -> SpeechEnc
         else:
             encoder = ConformerEncoder(cfg)
     elif cfg.kind == "whisper":
-        encoder = WhisperSpeechEncoder.from_pretrained(cfg.path, layers, load_weights)
+        encoder = WhisperSpeechEncoder.from_pretrained(cfg.path, layers, load_weights,
+                                                       trust_remote_code)
         if encoder.n_mels != cfg.n_mels:
             raise ValueError(
                 f"{cfg.path} is a Whisper with {encoder.n_mels} mel bins but encoder.n_mels="
                 f"{cfg.n_mels}; set encoder.n_mels={encoder.n_mels} so features match"
             )
     elif cfg.kind in WAVEFORM_KINDS:
-        encoder = WaveformSpeechEncoder.from_pretrained(cfg.path, cfg.kind, layers, load_weights)
+        encoder = WaveformSpeechEncoder.from_pretrained(cfg.path, cfg.kind, layers, load_weights,
+                                                        trust_remote_code)
     else:
         raise ValueError(f"unknown encoder.kind {cfg.kind!r}; choose one of {ENCODER_KINDS}")
     if cfg.freeze:

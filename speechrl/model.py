@@ -81,18 +81,22 @@ def llm_config_for_preset(name: str, vocab_size: int) -> LlamaConfig:
     )
 
 
-def build_llm(cfg: LLMConfig, vocab_size: int, *, load_weights: bool = True) -> PreTrainedModel:
-    """The causal LM of ``cfg``: from ``cfg.path`` if set, else a randomly initialised preset."""
+def build_llm(cfg: LLMConfig, vocab_size: int, *, load_weights: bool = True,
+              trust_remote_code: bool = False) -> PreTrainedModel:
+    """The causal LM of ``cfg``: from ``cfg.path`` if set, else a randomly initialised preset.
+    ``trust_remote_code`` lets a folder's own modelling code run (``model.trust_remote_code``)."""
     if cfg.dtype not in DTYPES:
         raise ValueError(f"unknown llm.dtype {cfg.dtype!r}; choose one of {sorted(DTYPES)}")
-    kwargs = dict(dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation)
+    kwargs = dict(dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation,
+                  trust_remote_code=trust_remote_code)
     if cfg.path is None:
         return AutoModelForCausalLM.from_config(
             llm_config_for_preset(cfg.preset, vocab_size), **kwargs
         )
     if load_weights:
         return AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
-    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.path), **kwargs)
+    config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=trust_remote_code)
+    return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
 def apply_lora(llm: PreTrainedModel, cfg: LoraConfig, tokenizer: SpeechTokenizer) -> nn.Module:
@@ -179,8 +183,10 @@ class SpeechLLM(nn.Module):
     ) -> SpeechLLM:
         """Build the model ``cfg`` describes; ``load_weights=False`` builds the architecture
         only (``speechrl.checkpoint`` then loads its own weights)."""
-        encoder = build_encoder(cfg.encoder, load_weights=load_weights)
-        llm = build_llm(cfg.llm, tokenizer.vocab_size, load_weights=load_weights)
+        remote = cfg.trust_remote_code
+        encoder = build_encoder(cfg.encoder, load_weights=load_weights, trust_remote_code=remote)
+        llm = build_llm(cfg.llm, tokenizer.vocab_size, load_weights=load_weights,
+                        trust_remote_code=remote)
         tokenizer.resize_embeddings(llm)
         hidden = llm.get_input_embeddings().embedding_dim
         if cfg.llm.lora.r > 0:

@@ -133,11 +133,14 @@ class SpeechTokenizer:
         self.hf.save_pretrained(str(directory))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> SpeechTokenizer:
-        """Load any Hugging Face fast tokenizer folder and add the prompt tokens it lacks."""
+    def from_pretrained(cls, path: str | Path, *, trust_remote_code: bool = False
+                        ) -> SpeechTokenizer:
+        """Load any Hugging Face fast tokenizer folder and add the prompt tokens it lacks
+        (``trust_remote_code``: let the folder's own tokenizer code run)."""
         if not Path(path).is_dir():
             raise FileNotFoundError(f"no tokenizer folder at {path}")
-        return cls(AutoTokenizer.from_pretrained(str(path), use_fast=True))
+        return cls(AutoTokenizer.from_pretrained(str(path), use_fast=True,
+                                                 trust_remote_code=trust_remote_code))
 
     def resize_embeddings(self, llm: PreTrainedModel) -> int:
         """Grow ``llm``'s embeddings to :attr:`vocab_size` if they are smaller.
@@ -217,4 +220,4 @@ def load_tokenizer(cfg: ModelConfig) -> SpeechTokenizer:
             "model.tokenizer is not set and the LLM is built from a preset, so there is no "
             "tokenizer to load: train one with speechrl.tokenizer.train_bpe and set model.tokenizer"
         )
-    return SpeechTokenizer.from_pretrained(path)
+    return SpeechTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)

@@ -405,20 +405,45 @@ def prepare_model(run: Run, model):
 def maybe_resume(run: Run, model, optimizer, scheduler) -> TrainerState:
     """Continue from ``output_dir/last`` when it exists (and ``train.resume``), else start fresh:
     optimizer, schedule, data position and RNG (the weights came in :func:`prepare_model`)."""
-    from speechrl.checkpoint import load_training_state
+    from speechrl.checkpoint import OPTIMIZER, TRAINER_STATE, CheckpointError, load_training_state
 
     last = resume_folder(run)
     if last is None:
         return TrainerState()
     trainer_state, payload = load_training_state(last)
     if payload is None:
-        raise ValueError(f"{last} has no optimizer.pt: it cannot be resumed; set "
-                         "train.resume=false or another output_dir")
-    restore_optimizer(model, optimizer, last, payload)
-    scheduler.load_state_dict(payload["scheduler"])
-    state = TrainerState.from_json(trainer_state)
-    restore_rng(state, payload)
+        raise CheckpointError(f"{last} has no {OPTIMIZER}: it cannot be resumed; set "
+                              "train.resume=false or another output_dir")
+    state = checked_trainer_state(trainer_state, last / TRAINER_STATE)
+    # A readable file can still hold the wrong things (another model's moments, missing keys):
+    # torch's errors for that do not name the file, so say which one it was.
+    try:
+        restore_optimizer(model, optimizer, last, payload)
+        scheduler.load_state_dict(payload["scheduler"])
+    except Exception as err:
+        raise CheckpointError(f"{last / OPTIMIZER} does not fit this run's optimizer and "
+                              f"schedule: {type(err).__name__}: {err}") from err
+    try:
+        restore_rng(state, payload)
+    except Exception as err:
+        raise CheckpointError(f"the random generator states in {last / TRAINER_STATE} and "
+                              f"{last / OPTIMIZER} cannot be restored: {type(err).__name__}: "
+                              f"{err}") from err
     say(f"resuming {run.stage} from {last} at step {state.step}")
+    return state
+
+
+def checked_trainer_state(data: dict[str, Any], file: Path) -> TrainerState:
+    """:class:`TrainerState` from ``trainer_state.json``, its counters checked."""
+    from speechrl.checkpoint import CheckpointError
+
+    state = TrainerState.from_json(data)
+    for name in ("step", "epoch", "nonfinite_in_row", "nonfinite_total"):
+        value = getattr(state, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"{file}: {name} is {value!r}, not a count")
+    if not isinstance(state.sampler, dict):
+        raise CheckpointError(f"{file}: sampler is {state.sampler!r}, not an object")
     return state
 
 

@@ -95,7 +95,8 @@ def train_lm(cfg: RunConfig) -> Path:
     dev_seqs = pack_sequences(dev_texts, tokenizer, cfg.lm.sentences_per_sequence,
                               cfg.lm.max_length, cfg.train.seed) if dev_texts else []
 
-    plain = build_llm(cfg.model.llm, tokenizer.vocab_size).to(run.device)
+    plain = build_llm(cfg.model.llm, tokenizer.vocab_size,
+                      trust_remote_code=cfg.model.trust_remote_code).to(run.device)
     say(f"pretrain-lm: {len(texts)} sentences, {len(train_seqs)} sequences, "
         f"vocabulary {tokenizer.vocab_size}, "
         f"{sum(p.numel() for p in plain.parameters()) / 1e6:.1f}M parameters")
@@ -155,7 +156,8 @@ def lm_tokenizer(cfg: RunConfig, texts: list[str], run: Run):
     from speechrl.tokenizer import SpeechTokenizer, train_bpe
 
     if cfg.model.tokenizer:
-        return SpeechTokenizer.from_pretrained(cfg.model.tokenizer)
+        return SpeechTokenizer.from_pretrained(cfg.model.tokenizer,
+                                               trust_remote_code=cfg.model.trust_remote_code)
     saved = run.output_dir / "model"
     if (saved / "tokenizer.json").exists():  # a resumed run keeps its tokenizer
         return SpeechTokenizer.from_pretrained(saved)

@@ -31,12 +31,14 @@ def load_or_build_model(cfg: RunConfig, device: torch.device):
     from speechrl.tokenizer import SpeechTokenizer
 
     if cfg.train.init:
-        return load_model(cfg.train.init, device=device)
+        return load_model(cfg.train.init, device=device,
+                          trust_remote_code=cfg.model.trust_remote_code)
     tokenizer_path = cfg.model.tokenizer or cfg.model.llm.path
     if tokenizer_path is None:
         raise ValueError("model.tokenizer (or model.llm.path with tokenizer files) is required "
                          "to build a speech-LLM; run `speechrl pretrain-lm` to train one")
-    tokenizer = SpeechTokenizer.from_pretrained(tokenizer_path)
+    tokenizer = SpeechTokenizer.from_pretrained(tokenizer_path,
+                                                trust_remote_code=cfg.model.trust_remote_code)
     return SpeechLLM.from_config(cfg.model, tokenizer).to(device)
 
 
