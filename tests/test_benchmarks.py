@@ -1,0 +1,178 @@
+"""The GPU benchmarks (benchmarks/rollout.py, benchmarks/train_step.py) at toy sizes on CPU:
+their tables hold consistent positive figures, the roofline and FLOP counts match numbers
+worked out by hand, and speechrl's decoder and Hugging Face generate agree token for token."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+# The tiny preset with a 400-token vocabulary (hidden 256, 4 layers, 4 heads of 64, 2 KV
+# heads, FFN 768, tied embeddings):
+#   embeddings 400 * 256                                   = 102,400
+#   a layer: q 65,536 + k 32,768 + v 32,768 + o 65,536
+#            + gate/up/down 3 * 256 * 768 = 589,824 + two norms 512 = 786,944
+#   4 layers                                               = 3,147,776
+#   final norm                                             = 256
+TINY = ["--device", "cpu", "--dtype", "float32", "--preset", "tiny", "--vocab", "400",
+        "--seconds", "1", "--threads", "1", "--seed", "0"]
+
+
+def load(name: str):
+    """Import benchmarks/<name>.py as a module (the scripts import their neighbour _common)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def rollout():
+    return load("rollout")
+
+
+@pytest.fixture(autouse=True)
+def one_thread(rollout):
+    """One torch thread, as the benchmarks' --threads 1: steadier on a shared CPU."""
+    with rollout.torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def train_step():
+    return load("train_step")
+
+
+@pytest.fixture(scope="module")
+def tiny(rollout):
+    with torch.random.fork_rng():
+        return rollout.build_model("tiny", "float32", torch.device("cpu"), 400).eval()
+
+
+def test_rollout_table_and_record(rollout, tmp_path, capsys):
+    record = tmp_path / "bench.md"
+    record.write_text("# Benchmarks\n", encoding="utf-8")
+    args = [*TINY, "--batch", "2", "--group", "3", "--new-tokens", "8", "--repeats", "2",
+            "--append", str(record)]
+    rows = rollout.main(args)
+
+    assert [r["decoder"] for r in rows] == ["speechrl", "HF generate"]
+    for r in rows:
+        assert (r["G"], r["T"]) == (3, 8)
+        for key in ("seconds", "tokens_per_s", "prefill_s", "step_ms", "roofline_ms",
+                    "roofline_share"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["decoder"], key, r[key])
+        assert r["prefill_s"] < r["seconds"]
+        assert r["tokens_per_s"] == pytest.approx(2 * 3 * 8 / r["seconds"])
+        assert r["roofline_share"] == pytest.approx(r["roofline_ms"] / r["step_ms"])
+    assert rows[0]["vs_hf"] == pytest.approx(rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"])
+    assert rows[1]["vs_hf"] == 1.0
+    # Both decoders saw the same prompts and rows: the same roofline.
+    assert rows[0]["roofline_ms"] == rows[1]["roofline_ms"]
+
+    out = capsys.readouterr().out
+    assert "| preset | G | T | decoder" in out
+    # The greedy check decodes the first 2 prompts for 8 tokens each.
+    assert "Greedy tokens equal between the two decoders: tiny 16/16." in out
+    text = record.read_text(encoding="utf-8")
+    assert text.startswith("# Benchmarks\n\n## ")
+    assert f"## {datetime.date.today().isoformat()}: rollout speed on cpu" in text
+    assert "    .venv/bin/python benchmarks/rollout.py --device cpu" in text
+    assert "| tiny   | 3 | 8 | speechrl    |" in text
+    assert "Reading: speechrl's decoder made" in text
+
+
+def test_speechrl_and_hf_greedy_tokens_identical(rollout, tiny):
+    # Left padding on purpose: speech of 5, 9 and 13 frames.
+    gen = torch.Generator().manual_seed(1)
+    speech = torch.randn(3, 13, 256, generator=gen) * 0.02
+    with torch.no_grad():
+        embeds, mask = tiny.inference_prompt(speech, torch.tensor([5, 9, 13]))
+    assert not bool(mask.all())
+    equal, total = rollout.greedy_agreement(tiny, embeds, mask, new_tokens=12)
+    assert total == 3 * 12
+    assert equal == total
+
+
+def test_eos_suppressed_masks_the_head_then_lets_go(rollout, tiny):
+    eos = tiny.tokenizer.eos_id
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad(), rollout.eos_suppressed(tiny.llm, eos):
+        masked = tiny.llm(input_ids=ids).logits
+    with torch.no_grad():
+        plain = tiny.llm(input_ids=ids).logits
+    assert torch.isneginf(masked[..., eos]).all()
+    assert torch.isfinite(plain[..., eos]).all()
+    others = torch.arange(plain.shape[-1]) != eos
+    torch.testing.assert_close(masked[..., others], plain[..., others])
+
+
+def test_roofline_step_by_hand(rollout, tiny):
+    # Weights (tied: the head is the embedding table, read once):
+    #   (102,400 + 3,147,776 + 256) parameters * 4 bytes = 13,001,728 bytes
+    # KV cache: 4 layers * 2 (K, V) * 2 KV heads * 64 * 4 bytes = 4,096 bytes a position;
+    #   6 rows * 20 positions * 4,096 = 491,520 bytes
+    # At 1e9 bytes/s: 13,493,248 / 1e9 s.
+    seconds = rollout.roofline_step_seconds(tiny.llm, rows=6, context=20, bandwidth=1e9)
+    assert seconds == pytest.approx(13_493_248 / 1e9, rel=1e-12)
+
+
+def test_forward_flops_by_hand(train_step, tiny):
+    # One audio, one candidate, L = 10 prompt tokens, T = 3: 12 positions fed.
+    #   layers:    2 * 3,147,776 * 12          = 75,546,624
+    #   attention: 2 * 4 layers * 12^2 * 256   =    294,912
+    #   head:      2 * 102,400 * 3             =    614,400
+    #   projector: 1 s = 25 encoder frames -> 13 after stacking 2;
+    #              (288 * 256 + 256) = 73,984 parameters; 2 * 73,984 * 13 = 1,923,584
+    #   total                                  = 78,379,520
+    flops = train_step.forward_flops(tiny, batch=1, group=1, prompt=10, new_tokens=3,
+                                     seconds=1.0)
+    assert flops == 78_379_520
+
+
+def test_train_step_table_and_record(train_step, tmp_path, capsys):
+    record = tmp_path / "bench.md"
+    rows = train_step.main([*TINY, "--batch", "2", "--group", "2", "--new-tokens", "4",
+                            "--repeats", "1", "--append", str(record)])
+    (r,) = rows
+    assert (r["B"], r["G"], r["T"]) == (2, 2, 4)
+    for key in ("ref_s", "old_s", "update_s", "step_s", "tokens_per_s", "flops", "flop_rate",
+                "mfu"):
+        assert math.isfinite(r[key]) and r[key] > 0, (key, r[key])
+    assert r["step_s"] == pytest.approx(r["ref_s"] + r["old_s"] + r["update_s"])
+    assert r["tokens_per_s"] == pytest.approx(4 * (r["L"] + 4) / r["step_s"])
+    assert r["flop_rate"] == pytest.approx(r["flops"] / r["step_s"])
+    assert "| preset | B | G |" in capsys.readouterr().out
+    text = record.read_text(encoding="utf-8")
+    assert text.startswith(f"\n## {datetime.date.today().isoformat()}: GRPO update speed on cpu")
+    assert "    .venv/bin/python benchmarks/train_step.py --device cpu" in text
+    assert f"| tiny   | 2 | 2 | {r['L']} | 4 |" in text
+
+
+def test_grpo_update_moves_the_policy_only(train_step, tmp_path):
+    device = torch.device("cpu")
+    policy = train_step.build_model("tiny", "float32", device, 400, seed=0)
+    reference = train_step.build_model("tiny", "float32", device, 400, seed=0)
+    reference.eval().requires_grad_(False)
+    before = policy.llm.get_input_embeddings().weight.detach().clone()
+    torch.testing.assert_close(before, reference.llm.get_input_embeddings().weight)
+    run = train_step.make_run(device, "float32", group=2, new_tokens=3, output_dir=tmp_path)
+    optimizer = train_step.build_optimizer(policy, run.cfg.train)
+    rollout = train_step.random_rollout(policy, batch=2, group=2, seconds=1.0, new_tokens=3,
+                                        seed=0)
+    train_step.grpo_update(run, policy, reference, optimizer, rollout)
+    assert rollout.ref_logp.shape == rollout.old_logp.shape == (4, 3)
+    # Same weights before the update: reference and old-policy log-probs are equal.
+    torch.testing.assert_close(rollout.ref_logp, rollout.old_logp)
+    assert not torch.equal(policy.llm.get_input_embeddings().weight, before)
+    torch.testing.assert_close(reference.llm.get_input_embeddings().weight, before)
