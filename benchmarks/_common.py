@@ -25,6 +25,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -337,7 +338,9 @@ def machine_description(device: torch.device) -> str:
         what = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
     else:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        what = f"CPU, {cpus} cores ({_cpu_name()}), {torch.get_num_threads()} torch threads"
+        threads = torch.get_num_threads()
+        what = (f"CPU, {cpus} cores ({_cpu_name()}), {threads} torch "
+                f"thread{'' if threads == 1 else 's'}")
     return (f"{what}; Python {platform.python_version()}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}")
 
@@ -372,20 +375,32 @@ def command_line(script: str, argv: Sequence[str] | None) -> str:
     return shlex.join([".venv/bin/python", f"benchmarks/{script}", *args])
 
 
+def device_label(device: torch.device) -> str:
+    """'CPU' or the GPU's name, for record titles."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
 def append_record(path: str | Path, title: str, device: torch.device, command: str,
                   setting: Sequence[str], table: str, reading: str) -> None:
     """Append a dated record in the style of docs/benchmarks.md (old records stay as they are):
     title, machine and commit, the command, the ``setting`` lines the run printed, its table
-    and a reading."""
+    and a reading. Prose is wrapped at 100 columns; the command stays on one line."""
     today = datetime.date.today().isoformat()
-    body = "\n".join(setting)
-    record = (f"\n## {today}: {title}\n\n"
-              f"Machine: {machine_description(device)}. Commit {commit_id()}.\n\n"
-              f"Command:\n\n    {command}\n\n{body}\n\n{table}\n\nReading: {reading}\n")
+
+    def wrap(text: str) -> str:
+        return textwrap.fill(text, width=100, break_long_words=False, break_on_hyphens=False)
+
+    parts = [f"## {today}: {title}",
+             wrap(f"Machine: {machine_description(device)}. Commit {commit_id()}."),
+             f"Command:\n\n    {command}",
+             wrap(" ".join(setting)),
+             table,
+             wrap(f"Reading: {reading}")]
     path = Path(path)
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     with path.open("a", encoding="utf-8") as out:
-        out.write(("\n" if text and not text.endswith("\n") else "") + record)
+        out.write(("\n" if text and not text.endswith("\n") else "") + "\n"
+                  + "\n\n".join(parts) + "\n")
 
 
 def cpu_memory_note(device: torch.device) -> list[str]:

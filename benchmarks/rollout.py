@@ -50,6 +50,7 @@ from _common import (
     check_size_arguments,
     command_line,
     cpu_memory_note,
+    device_label,
     markdown_table,
     measure_bandwidth,
     out_of_memory_hint,
@@ -268,7 +269,7 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str] | None) -> list[
     text = reading(rows, agreement)
     print(text)
     if args.append:
-        append_record(args.append, f"rollout speed on {device.type}", device,
+        append_record(args.append, f"rollout speed, {device_label(device)}", device,
                       command_line("rollout.py", argv), setting, table, text)
     return rows
 

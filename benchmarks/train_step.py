@@ -54,6 +54,7 @@ from _common import (
     check_size_arguments,
     command_line,
     cpu_memory_note,
+    device_label,
     llm_parameter_count,
     markdown_table,
     measure_matmul_rate,
@@ -243,7 +244,7 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str] | None) -> list[
     text = reading(rows, matmul_rate, args.dtype)
     print(text)
     if args.append:
-        append_record(args.append, f"GRPO update speed on {device.type}", device,
+        append_record(args.append, f"GRPO update speed, {device_label(device)}", device,
                       command_line("train_step.py", argv), setting, table, text)
     return rows
 

@@ -86,7 +86,7 @@ def test_rollout_table_and_record(rollout, tmp_path, capsys):
     assert "Greedy tokens equal between the two decoders: tiny 16/16." in out
     text = record.read_text(encoding="utf-8")
     assert text.startswith("# Benchmarks\n\n## ")
-    assert f"## {datetime.date.today().isoformat()}: rollout speed on cpu" in text
+    assert f"## {datetime.date.today().isoformat()}: rollout speed, CPU" in text
     assert "    .venv/bin/python benchmarks/rollout.py --device cpu" in text
     assert "| tiny   | 3 | 8 | speechrl    |" in text
     assert "Reading: speechrl's decoder made" in text
@@ -154,7 +154,7 @@ def test_train_step_table_and_record(train_step, tmp_path, capsys):
     assert r["flop_rate"] == pytest.approx(r["flops"] / r["step_s"])
     assert "| preset | B | G |" in capsys.readouterr().out
     text = record.read_text(encoding="utf-8")
-    assert text.startswith(f"\n## {datetime.date.today().isoformat()}: GRPO update speed on cpu")
+    assert text.startswith(f"\n## {datetime.date.today().isoformat()}: GRPO update speed, CPU")
     assert "    .venv/bin/python benchmarks/train_step.py --device cpu" in text
     assert f"| tiny   | 2 | 2 | {r['L']} | 4 |" in text
 
