@@ -318,7 +318,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
 
 def span(values: Sequence[float], fmt: str, unit: str = "") -> str:
-    """'1.2 %' for one distinct value, '1.2 % to 3.4 %' for a range (for readings)."""
+    """'1.2%' for one distinct value, '1.2% to 3.4%' for a range (for readings)."""
     low, high = format(min(values), fmt) + unit, format(max(values), fmt) + unit
     return low if low == high else f"{low} to {high}"
 

@@ -219,11 +219,11 @@ def format_rows(rows: Sequence[dict], device: torch.device) -> list[list[str]]:
 def reading(rows: Sequence[dict], agreement: dict[str, tuple[int, int]]) -> str:
     ours = [r for r in rows if r["decoder"] == "speechrl"]
     ratios = span([r["vs_hf"] for r in ours], ".2f", "x")
-    shares = span([100 * r["roofline_share"] for r in ours], ".1f", " %")
+    shares = span([100 * r["roofline_share"] for r in ours], ".1f", "%")
     checks = ", ".join(f"{p} {eq}/{n}" for p, (eq, n) in agreement.items())
     return (f"speechrl's decoder made {ratios} the tokens/s of Hugging Face generate, and its "
             f"decode steps ran at {shares} of the memory-bandwidth roofline (GPU targets: >= 5x "
-            f"and >= 50 %). Greedy tokens equal between the two decoders: {checks}.")
+            f"and >= 50%). Greedy tokens equal between the two decoders: {checks}.")
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:

@@ -204,10 +204,10 @@ def format_rows(rows: Sequence[dict], device: torch.device) -> list[list[str]]:
 
 
 def reading(rows: Sequence[dict], matmul_rate: float, dtype: str) -> str:
-    mfu = span([100 * r["mfu"] for r in rows], ".1f", " %")
-    update = span([100 * r["update_s"] / r["step_s"] for r in rows], ".0f", " %")
+    mfu = span([100 * r["mfu"] for r in rows], ".1f", "%")
+    update = span([100 * r["update_s"] / r["step_s"] for r in rows], ".0f", "%")
     return (f"one GRPO update reached {mfu} MFU against the {matmul_rate / 1e12:.3g} TFLOP/s "
-            f"{dtype} matmul measured here (GPU target: >= 40 %); the policy's forward, "
+            f"{dtype} matmul measured here (GPU target: >= 40%); the policy's forward, "
             f"backward and AdamW step took {update} of the step, the two log-prob passes the "
             f"rest.")
 
