@@ -117,14 +117,17 @@ def test_eos_suppressed_masks_the_head_then_lets_go(rollout, tiny):
     torch.testing.assert_close(masked[..., others], plain[..., others])
 
 
-def test_roofline_step_by_hand(rollout, tiny):
+def test_decode_step_bytes_by_hand(rollout, tiny):
     # Weights (tied: the head is the embedding table, read once):
     #   (102,400 + 3,147,776 + 256) parameters * 4 bytes = 13,001,728 bytes
     # KV cache: 4 layers * 2 (K, V) * 2 KV heads * 64 * 4 bytes = 4,096 bytes a position;
     #   6 rows * 20 positions * 4,096 = 491,520 bytes
-    # At 1e9 bytes/s: 13,493,248 / 1e9 s.
-    seconds = rollout.roofline_step_seconds(tiny.llm, rows=6, context=20, bandwidth=1e9)
-    assert seconds == pytest.approx(13_493_248 / 1e9, rel=1e-12)
+    assert rollout.decode_step_bytes(tiny.llm, rows=6, context=20) == 13_493_248
+    # At 1e9 bytes/s the step takes 13.493248 ms; a measured 26.986496 ms step reaches half.
+    rows = [dict(step_bytes=13_493_248, step_ms=26.986496)]
+    rollout.add_roofline(rows, bandwidth=1e9)
+    assert rows[0]["roofline_ms"] == pytest.approx(13.493248, rel=1e-12)
+    assert rows[0]["roofline_share"] == pytest.approx(0.5, rel=1e-12)
 
 
 def test_forward_flops_by_hand(train_step, tiny):
