@@ -1,9 +1,11 @@
 """Manifests in, padded batches out.
 
 * A manifest is JSONL, one utterance a line: ``{"id", "audio", "text", "language", "duration",
-  "domain"?}`` (``audio`` relative to the manifest's folder or absolute; an optional ``offset`` in
-  seconds reads a segment of a longer file; other keys are ignored). A Lhotse CutSet
-  (``cuts.jsonl.gz``) is accepted wherever a manifest is.
+  "domain"?}`` (an optional ``offset`` in seconds reads a segment of a longer file; other keys
+  are ignored). ``audio`` is absolute, or relative to the manifest's folder and then must stay
+  inside it: ``../x.flac`` is skipped ("audio path outside the manifest folder"), so a manifest
+  handed around cannot reach files beside or above its own folder unless it says so in full. A
+  Lhotse CutSet (``cuts.jsonl.gz``) is accepted wherever a manifest is.
 * Bad rows never stop a run. Cheap checks happen when a manifest is read
   (:func:`read_manifest`); checks that need the audio decoded happen when the dataset loads an
   item, which then comes back as a :class:`Skip` and is dropped by :func:`collate`. Each is
@@ -38,6 +40,12 @@ from speechrl.audio import AudioError
 from speechrl.config import DataConfig
 
 REQUIRED_FIELDS = {"id": str, "audio": str, "text": str, "language": str, "duration": float}
+# A transcript longer than this for its duration is not speech (fast speech runs near 20
+# characters a second) but a row whose text belongs elsewhere, and a huge one would fill memory.
+MAX_TEXT_CHARS_PER_SECOND = 60.0
+TEXT_CHARS_SLACK = 100
+# Audio shorter than this gives no frame to some encoders (the conformer needs 70 ms).
+MIN_AUDIO_SECONDS = 0.1
 LHOTSE_CUT_TYPES = ("MonoCut", "MixedCut", "MultiCut", "PaddingCut", "DataCut")
 # Lhotse recipes often name languages in full; the normalisers and reports key on ISO codes.
 LANGUAGE_CODES = {
@@ -80,6 +88,8 @@ class SkipCounter:
         self._rows: dict[str, dict[str, str]] = {}  # reason -> {where: detail}
 
     def add(self, reason: str, where: str, detail: str = "") -> None:
+        if len(detail) > 200:  # a 100k-character field must not flood the summary
+            detail = detail[:200] + "..."
         self._rows.setdefault(reason, {}).setdefault(where, detail)
 
     def merge(self, other: SkipCounter) -> None:
@@ -128,8 +138,10 @@ def read_manifest(
 
     Checks here are the cheap ones: JSON, fields and their types, UTF-8, duplicate ids, empty
     text (``training`` only), a ``duration`` above ``max_duration`` seconds (the longest
-    utterance kept) and, with ``check_audio``, that the audio file exists. The rest needs the
-    audio decoded and happens in :class:`SpeechDataset`.
+    utterance kept), a text longer than ``MAX_TEXT_CHARS_PER_SECOND`` x duration +
+    ``TEXT_CHARS_SLACK`` characters, a relative audio path that leaves the manifest's folder and,
+    with ``check_audio``, that the audio file exists. The rest needs the audio decoded and
+    happens in :class:`SpeechDataset`.
     """
     path = Path(path)
     if not path.is_file():
@@ -203,12 +215,17 @@ def _parse_json(raw: bytes) -> dict[str, Any]:
     # Undecodable bytes become lone surrogates, so the row still parses and the check that
     # follows can say which field is not UTF-8.
     try:
-        row = json.loads(raw.decode("utf-8", errors="surrogateescape"))
-    except json.JSONDecodeError as e:
-        raise _BadRow("not valid JSON", str(e)) from None
+        row = _loads(raw)
+    except (ValueError, RecursionError) as e:  # also 5000-digit numbers, 10^5 nested brackets
+        raise _BadRow("not valid JSON", f"{type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(row, dict):
         raise _BadRow("not valid JSON", f"a JSON {type(row).__name__}, not an object")
     return row
+
+
+def _loads(raw: bytes) -> Any:
+    # A byte-order mark (editors on Windows write one) is not part of the first row.
+    return json.loads(raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff"))
 
 
 def _looks_like_cuts(path: Path) -> bool:
@@ -217,8 +234,8 @@ def _looks_like_cuts(path: Path) -> bool:
         if not raw.strip():
             continue
         try:
-            row = json.loads(raw.decode("utf-8", errors="surrogateescape"))
-        except json.JSONDecodeError:
+            row = _loads(raw)
+        except (ValueError, RecursionError):
             return False
         if not isinstance(row, dict):
             return False
@@ -251,18 +268,32 @@ def _row_from_manifest(row: dict[str, Any], manifest: Path, where: str) -> Utter
         raise _BadRow("wrong field type", f"channel is {type(channel).__name__}, expected int")
     for key in ("id", "audio", "text", "language") + (("domain",) if domain else ()):
         _check_utf8(key, row[key])
-    # abspath, not resolve(): no per-row symlink walk on manifests of a million rows.
-    audio = os.path.abspath(os.path.join(manifest.parent, row["audio"]))
+    audio = _audio_path(row["audio"], manifest)
     return Utterance(id=row["id"], audio=audio, text=row["text"],
                      language=row["language"], duration=float(row["duration"]), domain=domain,
                      offset=float(offset), segment="offset" in row, channel=channel,
                      where=where)
 
 
+def _audio_path(audio: str, manifest: Path) -> str:
+    """The absolute path of a row's audio; a relative one must stay in the manifest's folder."""
+    # abspath, not resolve(): no per-row symlink walk on manifests of a million rows. The check
+    # is on the path as written (``..`` collapsed), not on where symlinks lead.
+    folder = os.path.abspath(manifest.parent)
+    path = os.path.abspath(os.path.join(folder, audio))
+    if not os.path.isabs(audio) and os.path.commonpath([folder, path]) != folder:
+        raise _BadRow("audio path outside the manifest folder",
+                      f"{audio!r} leaves {folder}; give such paths in full")
+    return path
+
+
 def _check_type(key: str, value: Any, kind: type) -> None:
     if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
-            value) and value >= 0
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        try:  # an integer of 400 digits is a number JSON allows, but no float
+            ok = ok and math.isfinite(float(value)) and value >= 0
+        except OverflowError:
+            ok = False
         expected = "a non-negative number"
     else:
         ok = isinstance(value, kind)
@@ -291,6 +322,9 @@ def _check_row(
         raise _BadRow("zero-length audio", "duration is 0")
     if utt.duration > max_duration:
         raise _BadRow("longer than the limit", f"{utt.duration:.2f} s > {max_duration:g} s")
+    if len(utt.text) > MAX_TEXT_CHARS_PER_SECOND * utt.duration + TEXT_CHARS_SLACK:
+        raise _BadRow("text too long for its audio",
+                      f"{len(utt.text)} characters for {utt.duration:.2f} s")
     if check_audio and utt.audio and not os.path.isfile(utt.audio):
         raise _BadRow("missing audio file", utt.audio)
 
@@ -379,10 +413,11 @@ class Skip:
 class SpeechDataset(Dataset):
     """Utterances -> :class:`Item` with features of kind "fbank" | "whisper" | "waveform".
 
-    A row whose audio cannot be used (unreadable, truncated, zero-length, longer than
-    ``max_duration``, or ``duration_tolerance`` seconds away from what the manifest says) comes
-    back as a :class:`Skip`, or raises :class:`ManifestError` with ``strict``. With ``augment``
-    each item gets speed, reverberation and noise perturbation drawn from (seed, epoch, index).
+    A row whose audio cannot be used (unreadable, truncated, zero-length, shorter than
+    ``MIN_AUDIO_SECONDS``, longer than ``max_duration``, or ``duration_tolerance`` seconds away
+    from what the manifest says) comes back as a :class:`Skip`, or raises
+    :class:`ManifestError` with ``strict``. With ``augment`` each item gets speed,
+    reverberation and noise perturbation drawn from (seed, epoch, index).
     """
 
     def __init__(
@@ -422,6 +457,8 @@ class SpeechDataset(Dataset):
         except Exception as e:  # a decoder or Lhotse failure must not end a run
             return self._bad(index, "unreadable audio", f"{type(e).__name__}: {e}")
         real = len(wave) / self.sample_rate
+        if real < MIN_AUDIO_SECONDS:
+            return self._bad(index, "too short", f"{real:.3f} s < {MIN_AUDIO_SECONDS:g} s")
         if real > self.max_duration:
             return self._bad(index, "longer than the limit",
                              f"{real:.2f} s > {self.max_duration:g} s")

@@ -12,6 +12,8 @@ the order one process decodes them, and rank 0 writes the same report one proces
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,12 +23,13 @@ from speechrl.report import Hypothesis, ReportPaths, Section, write_report
 
 
 def decode_manifest(model, manifest: str | Path, *, options, device, data_cfg=None,
-                    desc: str = "") -> list[Hypothesis]:
+                    desc: str = "", skips=None) -> list[Hypothesis]:
     """Decode every readable utterance of a manifest (sorted by length, batched by duration).
 
-    Rows that cannot be read are skipped and counted by the loader, never fatal. Under torchrun
-    every rank decodes its batches and every rank returns all the records, in one process's
-    order.
+    Rows that cannot be read are skipped and counted by the loader, never fatal; ``skips`` (a
+    :class:`~speechrl.data.SkipCounter`), when given, receives them from all ranks. Under
+    torchrun every rank decodes its batches and every rank returns all the records, in one
+    process's order.
     """
     import torch
     from tqdm.auto import tqdm
@@ -34,6 +37,7 @@ def decode_manifest(model, manifest: str | Path, *, options, device, data_cfg=No
     from speechrl.config import DataConfig
     from speechrl.data import make_dataloader
     from speechrl.generate import generate
+    from speechrl.train.common import gather_skips
 
     data_cfg = data_cfg or DataConfig()
     loader = make_dataloader([str(manifest)], data_cfg, features=model.encoder.input_kind,
@@ -55,6 +59,8 @@ def decode_manifest(model, manifest: str | Path, *, options, device, data_cfg=No
                            domain=batch.domains[i] if batch.domains else None)
                 for i, utt_id in enumerate(batch.ids)])
             bar.update(1)
+    if skips is not None:
+        skips.merge(gather_skips(loader.skips))
     # Rank r decoded batches r, r + W, ...: dealing them back restores one process's order.
     return distributed.interleave(distributed.all_gather_objects(batches))
 
@@ -78,18 +84,22 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
                          curve_keys: Sequence[str] | None = None,
                          title: str = "speechrl evaluation") -> ReportPaths:
     """Decode each set with each checkpoint and write the report; the first checkpoint is the
-    baseline of the relative WER changes. Under torchrun the ranks share the decoding and rank
-    0 writes the report; every rank returns its paths."""
+    baseline of the relative WER changes. The rows of each set left out go to ``skips.json``
+    (``{set: {reason: count}}``) beside the report. Under torchrun the ranks share the decoding
+    and rank 0 writes the report; every rank returns its paths."""
     from speechrl.checkpoint import load_model
+    from speechrl.data import SkipCounter
     from speechrl.train.common import say
 
     dev = distributed.setup(device).device
     options = decoding_options(beam, max_new_tokens)
     results: dict[str, dict[str, list[Hypothesis]]] = {}
+    skips = {set_name: SkipCounter() for set_name in sets}  # the same rows for every checkpoint
     for name, path in checkpoints.items():
         model = load_model(path, device=dev)
         results[name] = {set_name: decode_manifest(model, manifest, options=options, device=dev,
-                                                   desc=f"{name} / {set_name}")
+                                                   desc=f"{name} / {set_name}",
+                                                   skips=skips[set_name])
                          for set_name, manifest in sets.items()}
         del model
     paths = None
@@ -97,6 +107,10 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
         paths = write_report(out_dir, results, normalizer=normalizer, title=title,
                              training_metrics=training_metrics, sections=sections,
                              curve_keys=curve_keys)
+        counts = {set_name: counter.counts for set_name, counter in skips.items()}
+        (Path(out_dir) / "skips.json").write_text(json.dumps(counts, indent=2) + "\n")
+        for set_name, counter in skips.items():
+            say(f"eval, {set_name}: {counter.summary()}")
         say(f"report: {paths.markdown}")
     # The other ranks wait for the report, so none reads it (or exits) before it exists.
     return distributed.broadcast_object(paths)
@@ -139,10 +153,17 @@ def _named(items: Sequence[str]) -> dict[str, str]:
 
 
 def eval_main(args) -> int:
-    paths = evaluate_checkpoints(_named(args.checkpoint), _named(args.data), args.out,
-                                 normalizer=args.normalizer, beam=args.beam, device=args.device,
-                                 max_new_tokens=args.max_new_tokens,
-                                 training_metrics=_named(args.metrics) or None)
+    from speechrl.checkpoint import CheckpointError
+    from speechrl.data import ManifestError
+
+    try:
+        paths = evaluate_checkpoints(_named(args.checkpoint), _named(args.data), args.out,
+                                     normalizer=args.normalizer, beam=args.beam,
+                                     device=args.device, max_new_tokens=args.max_new_tokens,
+                                     training_metrics=_named(args.metrics) or None)
+    except (CheckpointError, ManifestError) as err:  # a message, not a stack trace
+        print(f"eval: {err}", file=sys.stderr, flush=True)
+        return 1
     if distributed.is_main():
         print(f"eval done: {paths.markdown}")
     return 0

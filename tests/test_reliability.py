@@ -461,3 +461,17 @@ def test_resuming_from_a_corrupt_checkpoint_exits_1_naming_the_file(tmp_path, tw
     err = capsys.readouterr().err
     assert "sft: " in err and says in err and str(last / name) in err, err
     assert "Traceback" not in err
+
+
+def test_eval_of_a_corrupt_checkpoint_exits_1_naming_the_file(tmp_path, good_checkpoint, corpus,
+                                                              capsys):
+    import shutil
+
+    from speechrl.cli import main
+
+    folder = shutil.copytree(good_checkpoint, tmp_path / "ckpt")
+    cut_in_half(folder / "model.safetensors")
+    assert main(["eval", "--checkpoint", str(folder), "--data", str(corpus["dev"]),
+                 "--out", str(tmp_path / "eval")]) == 1
+    err = capsys.readouterr().err
+    assert f"eval: {folder / 'model.safetensors'} is unreadable" in err and "Traceback" not in err

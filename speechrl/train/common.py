@@ -310,6 +310,32 @@ def encode_targets(tokenizer, texts: list[str],
     return targets.to(device), mask.to(device)
 
 
+def gather_skips(skips):
+    """The :class:`~speechrl.data.SkipCounter` of all ranks merged: each rank meets the bad audio
+    of its own batches (the manifest's bad rows, every rank alike). Every rank calls it."""
+    from speechrl.data import SkipCounter
+
+    merged = SkipCounter()
+    for part in distributed.all_gather_objects(skips):
+        merged.merge(part)
+    return merged
+
+
+def report_skips(run: Run, **loaders) -> dict[str, dict[str, int]]:
+    """Say how many rows each loader (``train=``, ``dev=``; None ones are left out) skipped and
+    why, and write ``output_dir/skips.json`` ``{loader: {reason: count}}``. Call it at the end of
+    a stage, on every rank. A resumed run counts the bad audio it met since resuming."""
+    counts = {}
+    for name, loader in loaders.items():
+        if loader is not None:
+            skips = gather_skips(loader.skips)
+            counts[name] = skips.counts
+            say(f"{run.stage}, {name} data: {skips.summary()}")
+    if run.is_main:
+        (run.output_dir / "skips.json").write_text(json.dumps(counts, indent=2) + "\n")
+    return counts
+
+
 def progress(total: int, initial: int, desc: str):
     from tqdm.auto import tqdm
 

@@ -61,6 +61,7 @@ from speechrl.train.common import (
     maybe_resume,
     prepare_model,
     progress,
+    report_skips,
     save_training_checkpoint,
     start_run,
     stop_if_needed,
@@ -152,6 +153,7 @@ def train_grpo(cfg: RunConfig) -> Path:
                 stop_if_needed(run, stop, policy, optimizer, scheduler, state)
     bar.close()
     run.logger.close()
+    report_skips(run, train=train_loader, dev=dev_loader)
     return run.best_dir if run.best_dir.exists() else run.last_dir
 
 
@@ -306,8 +308,8 @@ def sample_groups(run: Run, policy, batch, reward_fn, step_seed: int | None,
         max_new_tokens=grpo.max_new_tokens,
     )
     policy.eval()
-    caps = max_tokens_for_duration(batch.durations, grpo.tokens_per_second, floor=8,
-                                   cap=grpo.max_new_tokens)
+    caps = max_tokens_for_duration(batch.durations, grpo.tokens_per_second,
+                                   floor=min(8, grpo.max_new_tokens), cap=grpo.max_new_tokens)
     generators = None if step_seed is None else audio_generators(step_seed, list(batch.ids))
     with autocast(run.device, run.cfg.train.precision):
         result = generate(policy, batch.inputs, batch.input_lengths, options,

@@ -31,6 +31,7 @@ from speechrl.train.common import (
     maybe_resume,
     prepare_model,
     progress,
+    report_skips,
     save_training_checkpoint,
     say,
     start_run,
@@ -71,6 +72,7 @@ def train_sft(cfg: RunConfig) -> Path:
                 stop_if_needed(run, stop, model, optimizer, scheduler, state)
     bar.close()
     run.logger.close()
+    report_skips(run, train=train_loader, dev=dev_loader)
     return run.best_dir if run.best_dir.exists() else run.last_dir
 
 

@@ -96,7 +96,8 @@ def _dev_shard(model, loader, run: Run,
             speech, speech_lengths = model.encode_speech(batch.inputs, batch.input_lengths)
             logits = model.target_logits(speech, speech_lengths, targets, mask)
             caps = max_tokens_for_duration(batch.durations, run.cfg.grpo.tokens_per_second,
-                                           floor=8, cap=options.max_new_tokens)
+                                           floor=min(8, options.max_new_tokens),
+                                           cap=options.max_new_tokens)
             result = generate(model, batch.inputs, batch.input_lengths, options,
                               max_new_tokens=caps)
         n = int(mask.sum())
