@@ -42,9 +42,10 @@ def rollout():
 
 
 @pytest.fixture(autouse=True)
-def one_thread(rollout):
-    """One torch thread, as the benchmarks' --threads 1: steadier on a shared CPU."""
-    with rollout.torch_threads(1):
+def one_thread_own_rng(rollout):
+    """One torch thread, as the benchmarks' --threads 1 (steadier on a shared CPU); the global
+    random state the benchmarks reseed is given back to the tests that follow."""
+    with rollout.torch_threads(1), torch.random.fork_rng():
         yield
 
 
