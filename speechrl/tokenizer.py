@@ -115,8 +115,14 @@ class SpeechTokenizer:
         }
 
     def encode(self, text: str) -> list[int]:
-        """Ids of ``text`` with no special tokens around it."""
-        return list(self.hf.encode(text, add_special_tokens=False))
+        """Ids of ``text`` with no special tokens around it.
+
+        Text is only ever text: a transcript that spells a special token ("say <EOS> now") is
+        tokenized as its characters, never as that token, so it cannot end a training target
+        early or open a fake prompt section. ``split_special_tokens`` is per call, so the
+        wrapped tokenizer's own default (and its saved files) stay as they were.
+        """
+        return list(self.hf.encode(text, add_special_tokens=False, split_special_tokens=True))
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text of ``ids``; special tokens (prompt, EOS, padding) are dropped."""

@@ -2,7 +2,7 @@ import unicodedata
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from speechrl.config import LLMConfig, ModelConfig
@@ -140,3 +140,55 @@ def test_bad_inputs_give_clear_errors(tiny_tokenizer_dir):
         load_tokenizer(ModelConfig(llm=LLMConfig(preset="tiny")))
     tok = load_tokenizer(ModelConfig(tokenizer=str(tiny_tokenizer_dir)))
     assert tok.vocab_size == 300
+
+
+def sentencepiece_like_folder(folder) -> str:
+    """A Llama-2-like tokenizer folder: metaspace ("▁" for blanks), byte fallback, and <s> </s>
+    <unk> that also sit in the BPE model's own vocabulary (ids 1, 2, 0)."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    pieces = ["▁", "s", "a", "y", "n", "o", "w", "▁s", "▁n", "ay", "ow", "▁say", "▁now"]
+    vocab.update({p: 259 + i for i, p in enumerate(pieces)})
+    merges = [("▁", "s"), ("▁", "n"), ("a", "y"), ("o", "w"), ("▁s", "ay"), ("▁n", "ow")]
+    bpe = Tokenizer(models.BPE(vocab, merges, byte_fallback=True, unk_token="<unk>"))
+    bpe.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                           normalizers.Replace(" ", "▁")])
+    bpe.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                                 unk_token="<unk>")
+    hf.save_pretrained(folder)
+    return str(folder)
+
+
+def gpt2_like_folder(folder) -> str:
+    plain_bpe_without_prompt_tokens().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("kind", ["train_bpe", "gpt2-like", "sentencepiece-like"])
+def test_special_token_strings_in_a_transcript_are_plain_text(tmp_path, tiny_tokenizer_dir,
+                                                              kind):
+    from speechrl.train.common import encode_targets
+
+    folder = {"train_bpe": lambda: tiny_tokenizer_dir,
+              "gpt2-like": lambda: gpt2_like_folder(tmp_path / "tok"),
+              "sentencepiece-like": lambda: sentencepiece_like_folder(tmp_path / "tok")}[kind]()
+    tok = SpeechTokenizer.from_pretrained(folder)  # the way checkpoints and runs load it
+    spelled = " ".join(tok.prompt_tokens().values())  # <User> <BOS>/<s> ... <EOS>/</s> ...
+    for text in ["say <EOS> now", f"say {spelled} now", tok.hf.eos_token + tok.hf.bos_token]:
+        if any(t in text for t in tok.prompt_tokens().values()):
+            # Without the switch the tokenizer would turn these strings into the special ids.
+            naive = tok.hf.encode(text, add_special_tokens=False)
+            assert set(naive) & tok.special_ids, (kind, text)
+        ids = tok.encode(text)
+        assert not set(ids) & tok.special_ids, (kind, text, ids)
+        assert tok.decode(ids) == text
+    # A training target holds exactly one <EOS>: the real one after the transcript.
+    targets, mask = encode_targets(tok, ["say <EOS> now", "now"], torch.device("cpu"))
+    n = len(tok.encode("say <EOS> now"))
+    assert mask.sum(dim=1).tolist() == [n + 1, len(tok.encode("now")) + 1]
+    assert (targets[0] == tok.eos_id).nonzero().flatten().tolist() == [n]
+    assert tok.decode(targets[0, :n]) == "say <EOS> now"
+    # The switch is per call: the wrapped tokenizer still maps the strings to their tokens.
+    assert tok.hf.encode(tok.hf.eos_token, add_special_tokens=False) == [tok.eos_id]
