@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(sub, "sft", "supervised fine-tuning of the speech-LLM (paper eq. 2)")
     _add_stage(sub, "grpo", "GRPO / DAPO / Dr. GRPO fine-tuning (paper eq. 3-9)")
 
-    from speechrl.evaluate import add_eval_arguments
+    from speechrl.evaluate import add_eval_arguments, add_trust_remote_code_argument
 
     add_eval_arguments(sub.add_parser("eval", help="decode, score and report"))
 
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+")
     p.add_argument("--beam", type=int, default=0, help="beam width; 0 decodes greedily")
     p.add_argument("--device", default="auto")
+    add_trust_remote_code_argument(p)
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic default")
     p.add_argument("--out", default="runs/demo")
@@ -113,11 +114,18 @@ def run_command(args: argparse.Namespace) -> int:
         return eval_main(args) or 0
 
     if command == "transcribe":
+        from speechrl.audio import AudioError
+        from speechrl.checkpoint import CheckpointError
         from speechrl.evaluate import transcribe_files
 
-        for path, text in transcribe_files(args.checkpoint, args.files, beam=args.beam,
-                                           device=args.device):
-            print(f"{path}\t{text}")
+        try:
+            for path, text in transcribe_files(args.checkpoint, args.files, beam=args.beam,
+                                               device=args.device,
+                                               trust_remote_code=args.trust_remote_code):
+                print(f"{path}\t{text}", flush=True)
+        except (CheckpointError, AudioError) as err:  # a message, not a stack trace
+            print(f"transcribe: {err}", file=sys.stderr, flush=True)
+            return 1
         return 0
 
     if command == "demo":

@@ -82,11 +82,13 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
                          sections: Sequence[Section | Mapping[str, Any]] | None = None,
                          training_metrics: Mapping[str, str | Path] | None = None,
                          curve_keys: Sequence[str] | None = None,
-                         title: str = "speechrl evaluation") -> ReportPaths:
+                         title: str = "speechrl evaluation",
+                         trust_remote_code: bool = False) -> ReportPaths:
     """Decode each set with each checkpoint and write the report; the first checkpoint is the
     baseline of the relative WER changes. The rows of each set left out go to ``skips.json``
     (``{set: {reason: count}}``) beside the report. Under torchrun the ranks share the decoding
-    and rank 0 writes the report; every rank returns its paths."""
+    and rank 0 writes the report; every rank returns its paths. ``trust_remote_code`` lets the
+    checkpoints' Hugging Face parts run their own code (never switched on by a checkpoint)."""
     from speechrl.checkpoint import load_model
     from speechrl.data import SkipCounter
     from speechrl.train.common import say
@@ -96,7 +98,7 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
     results: dict[str, dict[str, list[Hypothesis]]] = {}
     skips = {set_name: SkipCounter() for set_name in sets}  # the same rows for every checkpoint
     for name, path in checkpoints.items():
-        model = load_model(path, device=dev)
+        model = load_model(path, device=dev, trust_remote_code=trust_remote_code)
         results[name] = {set_name: decode_manifest(model, manifest, options=options, device=dev,
                                                    desc=f"{name} / {set_name}",
                                                    skips=skips[set_name])
@@ -132,8 +134,15 @@ def add_eval_arguments(parser) -> None:
                         choices=["whisper", "basic", "lower", "none"])
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--device", default="auto")
+    add_trust_remote_code_argument(parser)
     parser.add_argument("--metrics", action="append", default=[],
                         help="NAME=metrics.jsonl of a training run, plotted as curves")
+
+
+def add_trust_remote_code_argument(parser) -> None:
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let the checkpoint's Hugging Face encoder, LLM or tokenizer run "
+                             "code of their own (off by default: only for checkpoints you trust)")
 
 
 def _named(items: Sequence[str]) -> dict[str, str]:
@@ -160,7 +169,8 @@ def eval_main(args) -> int:
         paths = evaluate_checkpoints(_named(args.checkpoint), _named(args.data), args.out,
                                      normalizer=args.normalizer, beam=args.beam,
                                      device=args.device, max_new_tokens=args.max_new_tokens,
-                                     training_metrics=_named(args.metrics) or None)
+                                     training_metrics=_named(args.metrics) or None,
+                                     trust_remote_code=args.trust_remote_code)
     except (CheckpointError, ManifestError) as err:  # a message, not a stack trace
         print(f"eval: {err}", file=sys.stderr, flush=True)
         return 1
@@ -170,8 +180,10 @@ def eval_main(args) -> int:
 
 
 def transcribe_files(checkpoint: str | Path, files: Sequence[str], *, beam: int = 0,
-                     device: str = "auto"):
-    """Yield (path, transcript) for each audio file, one at a time."""
+                     device: str = "auto", trust_remote_code: bool = False):
+    """Yield (path, transcript) for each audio file, one at a time. A checkpoint that cannot
+    be loaded raises :class:`~speechrl.checkpoint.CheckpointError`, an unreadable file
+    :class:`~speechrl.audio.AudioError`."""
     import torch
 
     from speechrl.checkpoint import load_model
@@ -180,7 +192,7 @@ def transcribe_files(checkpoint: str | Path, files: Sequence[str], *, beam: int 
     from speechrl.train.common import resolve_device
 
     dev = resolve_device(device)
-    model = load_model(checkpoint, device=dev).eval()
+    model = load_model(checkpoint, device=dev, trust_remote_code=trust_remote_code).eval()
     options = decoding_options(beam)
     for path in files:
         inputs, lengths, durations = features_for_files([path], model.encoder.input_kind)

@@ -475,3 +475,55 @@ def test_eval_of_a_corrupt_checkpoint_exits_1_naming_the_file(tmp_path, good_che
                  "--out", str(tmp_path / "eval")]) == 1
     err = capsys.readouterr().err
     assert f"eval: {folder / 'model.safetensors'} is unreadable" in err and "Traceback" not in err
+
+
+def test_transcribe_of_a_missing_or_corrupt_checkpoint_exits_1_with_a_message(
+        tmp_path, good_checkpoint, corpus, capsys):
+    import shutil
+
+    from speechrl.cli import main
+
+    wav = str(corpus["dev"].parent / "utt000.wav")
+    assert main(["transcribe", "--checkpoint", str(tmp_path / "absent"), wav]) == 1
+    err = capsys.readouterr().err
+    assert f"transcribe: no checkpoint folder at {tmp_path / 'absent'}" in err
+    assert "Traceback" not in err
+    folder = shutil.copytree(good_checkpoint, tmp_path / "ckpt")
+    cut_in_half(folder / "model.safetensors")
+    assert main(["transcribe", "--checkpoint", str(folder), wav]) == 1
+    err = capsys.readouterr().err
+    assert f"transcribe: {folder / 'model.safetensors'} is unreadable" in err
+    assert "Traceback" not in err
+
+
+def test_transcribe_prints_each_file_then_stops_at_an_unreadable_one(tmp_path, good_checkpoint,
+                                                                    corpus, capsys):
+    from speechrl.cli import main
+    from speechrl.evaluate import transcribe_files
+
+    wav = str(corpus["dev"].parent / "utt000.wav")
+    [(_, expected)] = list(transcribe_files(good_checkpoint, [wav], device="cpu"))
+    missing = str(tmp_path / "missing.wav")
+    assert main(["transcribe", "--checkpoint", str(good_checkpoint), "--device", "cpu",
+                 wav, missing]) == 1
+    out, err = capsys.readouterr()
+    assert out == f"{wav}\t{expected}\n"  # the readable file's transcript came first
+    assert f"transcribe: {missing}: no such audio file" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", [[], ["--trust-remote-code"]])
+def test_eval_and_transcribe_pass_trust_remote_code_to_every_loader(tmp_path, good_checkpoint,
+                                                                    corpus, monkeypatch, flag):
+    from speechrl.cli import main
+
+    calls = spy_on_hf_loaders(monkeypatch)
+    wav = str(corpus["dev"].parent / "utt000.wav")
+    assert main(["transcribe", "--checkpoint", str(good_checkpoint), *flag, wav]) == 0
+    # The tokenizer and the LLM's config and architecture (the conformer is built-in).
+    assert sorted(calls) == sorted([("AutoTokenizer.from_pretrained", bool(flag)),
+                                    ("AutoConfig.from_pretrained", bool(flag)),
+                                    ("AutoModelForCausalLM.from_config", bool(flag))])
+    calls.clear()
+    assert main(["eval", "--checkpoint", str(good_checkpoint), "--data", str(corpus["dev"]),
+                 "--out", str(tmp_path / "eval"), *flag]) == 0
+    assert calls and {trust for _, trust in calls} == {bool(flag)}
