@@ -527,3 +527,79 @@ def test_eval_and_transcribe_pass_trust_remote_code_to_every_loader(tmp_path, go
     assert main(["eval", "--checkpoint", str(good_checkpoint), "--data", str(corpus["dev"]),
                  "--out", str(tmp_path / "eval"), *flag]) == 0
     assert calls and {trust for _, trust in calls} == {bool(flag)}
+
+
+# --------------------------------------------------------------------------- skips.json on a stop
+
+
+# The rows planted beside the clean corpus, and what skips.json must say of them.
+PLANTED_SKIPS = {"train": {"empty text": 1, "missing audio file": 1, "not valid JSON": 1},
+                 "dev": {"missing audio file": 1}}
+
+
+def with_bad_rows(corpus) -> dict[str, Path]:
+    """Copies of the corpus manifests (same folders, so the audio paths hold) with the rows of
+    PLANTED_SKIPS added."""
+    dirty = {}
+    for split in ("train", "dev"):
+        rows = corpus[split].read_text().splitlines()
+        first = json.loads(rows[0])
+        missing = json.dumps({**first, "id": "gone", "audio": "nowhere.wav"})
+        planted = [missing]
+        if split == "train":
+            planted += [json.dumps({**first, "id": "blank", "text": ""}), '{"id": "cut', ]
+        dirty[split] = corpus[split].parent / "with_bad_rows.jsonl"
+        dirty[split].write_text("\n".join(rows + planted) + "\n")
+    return dirty
+
+
+def skips_json(cfg: RunConfig) -> dict:
+    return json.loads((Path(cfg.train.output_dir) / "skips.json").read_text())
+
+
+@pytest.mark.parametrize("stage", [
+    pytest.param("sft", marks=pytest.mark.xfail(
+        strict=True, reason="sft.py does not call track_skips(run, train=..., dev=...) yet")),
+    "grpo"])
+def test_a_run_stopped_by_a_signal_writes_skips_json(tmp_path, corpus, tiny_model_config_module,
+                                                     stage):
+    from speechrl.train.sft import train_sft
+
+    dirty = with_bad_rows(corpus)
+    cfg = sft_config(tmp_path, dirty, tiny_model_config_module, max_steps=400, save_every=1000)
+    if stage == "grpo":
+        init = train_sft(sft_config(tmp_path / "init", corpus, tiny_model_config_module,
+                                    max_steps=1))
+        cfg = grpo_config(tmp_path, dirty, tiny_model_config_module, init, max_steps=400,
+                          save_every=1000)
+    proc = start(stage, cfg, tmp_path)
+    wait_for(tmp_path / "run" / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    rc, err = finish(proc)
+    assert rc == 128 + signal.SIGTERM, err
+    assert last_step(cfg) < 400  # stopped early, and yet:
+    assert skips_json(cfg) == PLANTED_SKIPS
+    assert f"{stage}, train data: skipped 3 row(s): " in err
+
+
+def test_a_run_stopped_by_nonfinite_steps_writes_skips_json(tmp_path, corpus,
+                                                            tiny_model_config_module,
+                                                            monkeypatch):
+    from speechrl.train import grpo as grpo_stage
+    from speechrl.train.common import RunStopped
+    from speechrl.train.sft import train_sft
+
+    init = train_sft(sft_config(tmp_path / "init", corpus, tiny_model_config_module,
+                                max_steps=1))
+    real_loss = grpo_stage.policy_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, stats = real_loss(*args, **kwargs)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(grpo_stage, "policy_loss", nan_loss)
+    cfg = grpo_config(tmp_path, with_bad_rows(corpus), tiny_model_config_module, init,
+                      max_steps=20, save_every=1000, max_nonfinite_steps=2)
+    with pytest.raises(RunStopped, match="2 non-finite steps in a row .* up to step 2"):
+        grpo_stage.train_grpo(cfg)
+    assert skips_json(cfg) == PLANTED_SKIPS

@@ -256,6 +256,9 @@ class Run:
     device: torch.device
     logger: MetricsLogger
     world: World = field(default_factory=World)
+    # Loaders by name whose skipped rows skips.json reports, set by track_skips: a run that
+    # stops early (stop_if_needed) writes the file too.
+    skip_sources: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -321,12 +324,19 @@ def gather_skips(skips):
     return merged
 
 
+def track_skips(run: Run, **loaders) -> None:
+    """Name the loaders (``train=``, ``dev=``; None ones are left out) whose skipped rows a stop
+    before the end (:func:`stop_if_needed`) reports with :func:`report_skips`."""
+    run.skip_sources = {name: loader for name, loader in loaders.items() if loader is not None}
+
+
 def report_skips(run: Run, **loaders) -> dict[str, dict[str, int]]:
-    """Say how many rows each loader (``train=``, ``dev=``; None ones are left out) skipped and
-    why, and write ``output_dir/skips.json`` ``{loader: {reason: count}}``. Call it at the end of
-    a stage, on every rank. A resumed run counts the bad audio it met since resuming."""
+    """Say how many rows each loader (``train=``, ``dev=``; None ones are left out; none given:
+    those of :func:`track_skips`) skipped and why, and write ``output_dir/skips.json``
+    ``{loader: {reason: count}}``. Call it at the end of a stage, on every rank. A resumed run
+    counts the bad audio it met since resuming."""
     counts = {}
-    for name, loader in loaders.items():
+    for name, loader in (loaders or run.skip_sources).items():
         if loader is not None:
             skips = gather_skips(loader.skips)
             counts[name] = skips.counts
@@ -524,21 +534,28 @@ def stop_on_signals() -> Iterator[StopRequest]:
 def stop_if_needed(run: Run, request: StopRequest, model, optimizer, scheduler,
                    state: TrainerState, save: Callable[[], Any] | None = None) -> None:
     """Between steps: after a signal, or after ``train.max_nonfinite_steps`` skipped steps in a
-    row, save ``output_dir/last`` and raise :class:`RunStopped` saying what happened. ``save``
-    replaces :func:`save_training_checkpoint` for stages with their own folders (lm, ctc)."""
+    row, save ``output_dir/last``, write ``skips.json`` for the loaders of :func:`track_skips`
+    and raise :class:`RunStopped` saying what happened. ``save`` replaces
+    :func:`save_training_checkpoint` for stages with their own folders (lm, ctc)."""
     if save is None:
         def save() -> Any:
             return save_training_checkpoint(run, model, optimizer, scheduler, state)
+
+    def save_and_report() -> None:
+        save()
+        if run.skip_sources:  # the rows left out so far: a stopped run must not lose them
+            report_skips(run)
+
     limit = run.cfg.train.max_nonfinite_steps
     if state.nonfinite_in_row >= limit:
-        save()
+        save_and_report()
         raise RunStopped(
             f"{run.stage}: {state.nonfinite_in_row} non-finite steps in a row (loss or gradient "
             f"NaN/inf) up to step {state.step}; stopped with a checkpoint in {run.last_dir} "
             "holding the last good weights. Lower train.lr or check the data, then run the "
             "same command again to resume.", exit_code=1)
     if request.requested():
-        save()
+        save_and_report()
         name = signal.Signals(request.signum).name if request.signum else "a signal on another rank"
         raise RunStopped(
             f"{run.stage}: stopped by {name} after step {state.step}; checkpoint saved in "

@@ -66,6 +66,7 @@ from speechrl.train.common import (
     start_run,
     stop_if_needed,
     stop_on_signals,
+    track_skips,
 )
 from speechrl.train.sft import skip_nonfinite
 from speechrl.train.speech import dev_evaluation, keep_if_best, load_or_build_model, speech_loaders
@@ -119,6 +120,7 @@ def train_grpo(cfg: RunConfig) -> Path:
         if run.world.is_distributed and cfg.train.parallel == "fsdp2":
             reference = distributed.shard_model(reference)
     train_loader, dev_loader = speech_loaders(cfg, plain, run.world.rank, run.world.world_size)
+    track_skips(run, train=train_loader, dev=dev_loader)  # skips.json even on an early stop
     policy = prepare_model(run, plain)  # resumed weights, then DDP / FSDP2 wrapping
     optimizer = build_optimizer(policy, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
@@ -153,7 +155,7 @@ def train_grpo(cfg: RunConfig) -> Path:
                 stop_if_needed(run, stop, policy, optimizer, scheduler, state)
     bar.close()
     run.logger.close()
-    report_skips(run, train=train_loader, dev=dev_loader)
+    report_skips(run)
     return run.best_dir if run.best_dir.exists() else run.last_dir
 
 
