@@ -6,7 +6,8 @@ prefilled ONCE and its key/value cache is then repeated G times (``num_beams`` t
 search); only the short transcripts are decoded per candidate.
 
 :func:`decode` works on any Hugging Face causal LM (Llama, Qwen2, ...) given left-padded prompt
-embeddings; :func:`generate` wraps it for the speech model. Logit filters are small pure functions.
+embeddings; :func:`generate` wraps it for the speech model (:func:`generate_from_speech` when
+the speech is already encoded). Logit filters are small pure functions.
 
 Shapes: B prompts, G candidates per prompt, K beams per prompt, L prompt length, T generated
 tokens, D hidden size, V vocabulary.
@@ -468,13 +469,29 @@ def generate(model, inputs: Tensor, lengths: Tensor, options: DecodingOptions, *
              ) -> DecodeResult:
     """Transcribe a batch with the speech model: encode, build the inference prompt, decode.
 
-    ``model`` provides encode_speech(inputs, lengths), inference_prompt(speech, speech_lengths)
-    -> (embeds (B, L, D), mask (B, L)), ``llm`` and ``tokenizer`` (eos_id, pad_id, decode).
-    durations (B,) seconds cap new tokens when options.tokens_per_second > 0; max_new_tokens
-    (B,) are explicit caps; both combine with options.max_new_tokens (the smallest wins).
-    Sets ``texts`` on the result: each candidate decoded without its eos.
+    inputs (B, N, F) features or (B, S) samples, lengths (B,). ``model`` provides
+    encode_speech(inputs, lengths) and what :func:`generate_from_speech` needs, which does the
+    rest (see it for the caps and ``texts``).
     """
     speech, speech_lengths = model.encode_speech(inputs, lengths)
+    return generate_from_speech(model, speech, speech_lengths, options, durations=durations,
+                                max_new_tokens=max_new_tokens, generator=generator)
+
+
+def generate_from_speech(model, speech: Tensor, speech_lengths: Tensor,
+                         options: DecodingOptions, *, durations: Tensor | None = None,
+                         max_new_tokens: Tensor | None = None,
+                         generator: torch.Generator | Sequence[torch.Generator] | None = None
+                         ) -> DecodeResult:
+    """:func:`generate` from speech already encoded (B, N, D) with lengths (B,): a caller that
+    also scores the batch teacher-forced (the dev loss) runs the encoder once for both.
+
+    ``model`` provides inference_prompt(speech, speech_lengths) -> (embeds (B, L, D), mask
+    (B, L)), ``llm`` and ``tokenizer`` (eos_id, pad_id, decode). durations (B,) seconds cap new
+    tokens when options.tokens_per_second > 0; max_new_tokens (B,) are explicit caps; both
+    combine with options.max_new_tokens (the smallest wins). Sets ``texts`` on the result: each
+    candidate decoded without its eos.
+    """
     embeds, mask = model.inference_prompt(speech, speech_lengths)
     caps = max_new_tokens
     if durations is not None and options.tokens_per_second > 0:

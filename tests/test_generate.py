@@ -397,3 +397,33 @@ def test_bad_inputs_are_named(llm, prompts):
         replace(DecodingOptions(), strategy="nucleus")
     with pytest.raises(ValueError, match="top_p"):
         DecodingOptions(top_p=0.0)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample"])
+def test_generate_from_speech_equals_generate_without_encoding(tiny_model, random_fbank,
+                                                               strategy):
+    from speechrl.generate import generate_from_speech
+
+    feats, lengths = random_fbank([40, 64, 24])
+    options = DecodingOptions(strategy=strategy, num_return_sequences=2, max_new_tokens=6)
+    seeds = lambda: [torch.Generator().manual_seed(s) for s in (3, 4, 5)]  # noqa: E731
+    with torch.no_grad():
+        speech, speech_lengths = tiny_model.encode_speech(feats, lengths)
+        calls = []
+        real = tiny_model.encode_speech
+        tiny_model.encode_speech = lambda *a: calls.append(1) or real(*a)
+        try:
+            ours = generate_from_speech(tiny_model, speech, speech_lengths, options,
+                                        durations=torch.tensor([1.0, 2.0, 0.5]),
+                                        max_new_tokens=torch.tensor([6, 6, 4]),
+                                        generator=seeds())
+            assert calls == []  # the speech given is used as it is
+            full = generate(tiny_model, feats, lengths, options,
+                            durations=torch.tensor([1.0, 2.0, 0.5]),
+                            max_new_tokens=torch.tensor([6, 6, 4]), generator=seeds())
+            assert calls == [1]
+        finally:
+            del tiny_model.encode_speech
+    assert ours.tokens == full.tokens and ours.texts == full.texts
+    assert torch.equal(ours.logprobs, full.logprobs) and torch.equal(ours.mask, full.mask)
+    assert torch.equal(ours.finished, full.finished)

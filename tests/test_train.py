@@ -185,3 +185,50 @@ def test_pretraining_resume_matches_uninterrupted_run(tmp_path, tone_corpus, tin
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_dev_evaluation_encodes_each_batch_once_with_the_same_results(tone_corpus,
+                                                                      tiny_model_config):
+    """_dev_shard feeds the speech encoded for the loss to the decoder; the figures equal those
+    of the former two passes (loss from one encoding, generate() encoding again)."""
+    from types import SimpleNamespace
+
+    from speechrl.data import make_dataloader
+    from speechrl.generate import DecodingOptions, generate, max_tokens_for_duration
+    from speechrl.losses import sft_loss
+    from speechrl.model import SpeechLLM
+    from speechrl.text import get_normalizer
+    from speechrl.tokenizer import load_tokenizer
+    from speechrl.train.common import encode_targets
+    from speechrl.train.speech import _dev_shard
+
+    torch.manual_seed(0)
+    model = SpeechLLM.from_config(tiny_model_config, load_tokenizer(tiny_model_config)).eval()
+    cfg = run_config(Path("unused"), tone_corpus, tiny_model_config)
+    run = SimpleNamespace(cfg=cfg, device=torch.device("cpu"))
+    loader = make_dataloader([str(tone_corpus["dev"])], cfg.data, features="fbank",
+                             training=False, batch_size=3)  # 8 rows: batches of 3, 3, 2
+    norm = get_normalizer("whisper", "en")
+    loss_sum, token_sum, refs, hyps = 0.0, 0, [], []
+    with torch.no_grad():
+        for batch in loader:  # the former way
+            targets, mask = encode_targets(model.tokenizer, batch.texts, run.device)
+            speech, speech_lengths = model.encode_speech(batch.inputs, batch.input_lengths)
+            logits = model.target_logits(speech, speech_lengths, targets, mask)
+            options = DecodingOptions(strategy="greedy", max_new_tokens=cfg.grpo.max_new_tokens)
+            caps = max_tokens_for_duration(batch.durations, cfg.grpo.tokens_per_second,
+                                           floor=8, cap=options.max_new_tokens)
+            texts = generate(model, batch.inputs, batch.input_lengths, options,
+                             max_new_tokens=caps).texts
+            loss_sum += sft_loss(logits, targets, mask).item() * int(mask.sum())
+            token_sum += int(mask.sum())
+            refs += [norm(t) for t in batch.texts]
+            hyps += [norm(t) for t in texts]
+
+    encoded = []
+    real = model.encode_speech
+    model.encode_speech = lambda inputs, lengths: encoded.append(len(inputs)) or real(inputs,
+                                                                                       lengths)
+    assert _dev_shard(model, loader, run, "whisper") == (loss_sum, token_sum, refs, hyps)
+    assert encoded == [3, 3, 2]  # one encoder pass per dev batch
+    assert any(hyps) and token_sum > 8  # the comparison is over real transcripts

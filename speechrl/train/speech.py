@@ -81,7 +81,7 @@ def dev_evaluation(model, loader, run: Run, normalizer: str) -> dict[str, float]
 def _dev_shard(model, loader, run: Run,
                normalizer: str) -> tuple[float, int, list[str], list[str]]:
     """(loss sum, token count, normalised refs, normalised hyps) of this rank's dev batches."""
-    from speechrl.generate import DecodingOptions, generate, max_tokens_for_duration
+    from speechrl.generate import DecodingOptions, generate_from_speech, max_tokens_for_duration
     from speechrl.text import get_normalizer
 
     was_training = model.training
@@ -98,8 +98,9 @@ def _dev_shard(model, loader, run: Run,
             caps = max_tokens_for_duration(batch.durations, run.cfg.grpo.tokens_per_second,
                                            floor=min(8, options.max_new_tokens),
                                            cap=options.max_new_tokens)
-            result = generate(model, batch.inputs, batch.input_lengths, options,
-                              max_new_tokens=caps)
+            # The speech encoded for the loss serves the decoding too (one encoder pass).
+            result = generate_from_speech(model, speech, speech_lengths, options,
+                                          max_new_tokens=caps)
         n = int(mask.sum())
         loss_sum += sft_loss(logits.float(), targets, mask).item() * n
         token_sum += n
