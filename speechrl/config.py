@@ -96,7 +96,6 @@ class DataConfig:
     max_utterance_duration: float = 30.0  # longer rows are skipped and counted
     duration_tolerance: float = 0.5  # seconds a manifest duration may differ from the audio
     num_buckets: int = 8
-    max_dev_utterances: int | None = None
     strict: bool = False  # raise on the first bad row instead of skipping it
     num_workers: int = 0
     augment: bool = False  # speed / noise / reverb augmentation of training audio
