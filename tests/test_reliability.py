@@ -582,6 +582,7 @@ def test_a_run_stopped_by_a_signal_writes_skips_json(tmp_path, corpus, tiny_mode
     assert f"{stage}, train data: skipped 3 row(s): " in err
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")  # no step is ever taken
 def test_a_run_stopped_by_nonfinite_steps_writes_skips_json(tmp_path, corpus,
                                                             tiny_model_config_module,
                                                             monkeypatch):
