@@ -557,10 +557,7 @@ def skips_json(cfg: RunConfig) -> dict:
     return json.loads((Path(cfg.train.output_dir) / "skips.json").read_text())
 
 
-@pytest.mark.parametrize("stage", [
-    pytest.param("sft", marks=pytest.mark.xfail(
-        strict=True, reason="sft.py does not call track_skips(run, train=..., dev=...) yet")),
-    "grpo"])
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
 def test_a_run_stopped_by_a_signal_writes_skips_json(tmp_path, corpus, tiny_model_config_module,
                                                      stage):
     from speechrl.train.sft import train_sft

@@ -37,6 +37,7 @@ from speechrl.train.common import (
     start_run,
     stop_if_needed,
     stop_on_signals,
+    track_skips,
 )
 from speechrl.train.speech import dev_evaluation, keep_if_best, load_or_build_model, speech_loaders
 
@@ -45,6 +46,7 @@ def train_sft(cfg: RunConfig) -> Path:
     run = start_run(cfg, "sft")
     plain = load_or_build_model(cfg, run.device)
     train_loader, dev_loader = speech_loaders(cfg, plain, run.world.rank, run.world.world_size)
+    track_skips(run, train=train_loader, dev=dev_loader)
     model = prepare_model(run, plain)  # resumed weights, then DDP / FSDP2 wrapping
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
