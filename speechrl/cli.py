@@ -1,6 +1,6 @@
 """The ``speechrl`` command.
 
-    speechrl synth   --out DIR [--langs en,fr,de,it,es] [--utts N] [--seed S]
+    speechrl synth   --out DIR [--langs en,fr,de,it,es] [--utts N] [--eval-utts N] [--seed S]
     speechrl pretrain-lm      --config C [key=value ...]
     speechrl pretrain-encoder --config C [key=value ...]
     speechrl sft     --config C [key=value ...]

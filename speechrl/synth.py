@@ -157,7 +157,7 @@ def espeak_version() -> str:
 @dataclass(frozen=True)
 class SetSpec:
     name: str
-    share: float  # utterances per language, as a fraction of ``utts``
+    share: float  # utterances per language, as a fraction of ``utts`` (``eval_utts`` if set)
     pool: str  # voice pool
     condition: str  # "clean" | "noisy" | "farfield" | "telephone"; also the manifest domain
     description: str
@@ -191,19 +191,24 @@ class UtterancePlan:
     babble: tuple[tuple[str, Speaker], ...] = ()  # other talkers mixed in as noise
 
 
-def set_sizes(utts: int) -> dict[str, int]:
-    """Utterances per language for each set, from the training size ``utts``."""
-    if utts < 1:
-        raise ValueError(f"utts (training utterances per language) must be >= 1, got {utts}")
-    return {s.name: max(1, round(s.share * utts)) for s in SETS}
+def set_sizes(utts: int, eval_utts: int | None = None) -> dict[str, int]:
+    """Utterances per language for each set: ``utts`` for train, and for the other sets their
+    share of ``eval_utts`` (default ``utts``), so more training data need not mean longer
+    evaluations."""
+    base = utts if eval_utts is None else eval_utts
+    if utts < 1 or base < 1:
+        raise ValueError(f"utts and eval_utts (utterances per language) must be >= 1, got "
+                         f"{utts} and {eval_utts}")
+    return {s.name: utts if s.name == "train" else max(1, round(s.share * base)) for s in SETS}
 
 
-def plan_corpus(langs: Sequence[str], utts: int, seed: int) -> list[UtterancePlan]:
+def plan_corpus(langs: Sequence[str], utts: int, seed: int,
+                eval_utts: int | None = None) -> list[UtterancePlan]:
     """Every utterance of the corpus: text, speaker and condition, from ``seed`` alone.
 
     No sentence appears twice in a language, so the test sets share no text with training.
     """
-    sizes = set_sizes(utts)
+    sizes = set_sizes(utts, eval_utts)
     plans = []
     for li, lang in enumerate(langs):
         generator = SentenceGenerator(lang)
@@ -312,12 +317,14 @@ def synthesize_corpus(
     seed: int = 0,
     workers: int | None = None,
     progress: bool = True,
+    eval_utts: int | None = None,
 ) -> dict[str, Path]:
     """Write the corpus under ``out_dir``; returns {set name: manifest path}.
 
     ``utts`` is the number of training utterances per language; dev and test get 10 % each,
     ood_noisy and ood_farfield 10 %, adapt_train 25 %, adapt_dev 5 %, adapt_test 10 %
-    (at least one each). ``workers`` defaults to the CPUs available.
+    (at least one each) — of ``eval_utts`` instead when given. ``workers`` defaults to the
+    CPUs available.
     """
     langs = tuple(langs)
     unknown = [lang for lang in langs if lang not in LANGUAGES]
@@ -325,7 +332,7 @@ def synthesize_corpus(
         raise ValueError(f"languages {unknown or '(none)'} not supported; choose from {LANGUAGES}")
     out = Path(out_dir)
     version = espeak_version()  # fails early, with advice, when espeak-ng is missing
-    plans = plan_corpus(langs, utts, seed)
+    plans = plan_corpus(langs, utts, seed, eval_utts)
     for spec in SETS:
         shutil.rmtree(out / "audio" / spec.name, ignore_errors=True)
         (out / "audio" / spec.name).mkdir(parents=True)
@@ -407,7 +414,10 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="comma-separated languages (default: %(default)s)")
     parser.add_argument("--utts", type=int, default=1000,
                         help="training utterances per language; the other sets are fractions "
-                             "of it (default: %(default)s)")
+                             "of it, or of --eval-utts (default: %(default)s)")
+    parser.add_argument("--eval-utts", type=int, default=None,
+                        help="size the dev, test, out-of-domain and adaptation sets from this "
+                             "many utterances per language instead of --utts")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes (default: every available CPU)")
@@ -418,7 +428,7 @@ def synth_main(args: argparse.Namespace) -> int:
     langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()]
     start = time.perf_counter()
     manifests = synthesize_corpus(args.out, langs=langs, utts=args.utts, seed=args.seed,
-                                  workers=args.workers)
+                                  workers=args.workers, eval_utts=args.eval_utts)
     elapsed = time.perf_counter() - start
     description = json.loads((Path(args.out) / "corpus.json").read_text(encoding="utf-8"))
     total = sum(s["utterances"] for s in description["sets"].values())

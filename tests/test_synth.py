@@ -44,6 +44,23 @@ def test_plan_sizes_pools_and_unseen_text():
     assert [p.text for p in plans] != [p.text for p in synth.plan_corpus(["en", "de"], 20, 4)]
 
 
+def test_eval_utts_sizes_the_other_sets_apart_from_train():
+    # 60 training utterances a language, the other sets as for 20: dev 10 % of 20 = 2, etc.
+    assert synth.set_sizes(60, eval_utts=20) == {
+        "train": 60, "dev": 2, "test": 2, "ood_noisy": 2, "ood_farfield": 2,
+        "adapt_train": 5, "adapt_dev": 1, "adapt_test": 2}
+    plans = synth.plan_corpus(["en"], utts=60, seed=3, eval_utts=20)
+    assert len(plans) == 60 + 16
+    small = synth.plan_corpus(["en"], utts=20, seed=3)
+    # train draws from its own stream: the first 20 sentences are those of the smaller corpus
+    assert [p.text for p in plans if p.set_name == "train"][:20] == \
+        [p.text for p in small if p.set_name == "train"]
+    train = {p.text for p in plans if p.set_name == "train"}
+    assert not train & {p.text for p in plans if p.set_name != "train"}
+    with pytest.raises(ValueError, match="eval_utts"):
+        synth.set_sizes(10, eval_utts=0)
+
+
 # --------------------------------------------------------------------------- corpus
 
 
