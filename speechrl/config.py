@@ -130,6 +130,10 @@ class TrainConfig:
     save_every: int = 200  # resumable checkpoint
     dev_utterances: int | None = 200  # cap on dev utterances decoded at each evaluation
     max_nonfinite_steps: int = 5  # stop (with a checkpoint) after this many skipped steps in a row
+    # SFT: keep the frozen encoder's output frames of every training utterance after its first
+    # use, so later epochs skip the encoder (memory: frames x encoder width per utterance, on
+    # the model's device). For small encoders and corpora such as the CPU demo's.
+    cache_encoder_outputs: bool = False
     resume: bool = True  # continue from output_dir/last when it exists
     # Under torchrun: "ddp" (every rank holds the model) or "fsdp2" (parameters, gradients and
     # optimizer state sharded with fully_shard, for models that do not fit one device).

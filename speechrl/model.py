@@ -279,11 +279,20 @@ class SpeechLLM(nn.Module):
         targets: torch.Tensor,
         target_mask: torch.Tensor,
         group_size: int = 1,
+        frames: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Audio inputs to target logits (B*G, T, V): the path a DDP- or FSDP-wrapped trainer
         calls. targets and target_mask (B*G, T) hold G = ``group_size`` candidates per audio,
-        audio-major (GRPO); each audio is encoded once and its speech repeated G times."""
-        speech, speech_lengths = self.encode_speech(inputs, lengths)
+        audio-major (GRPO); each audio is encoded once and its speech repeated G times.
+
+        ``frames``: the encoder's output (B, N, D_enc) and lengths (B,) when already known (a
+        frozen encoder's cached output); the encoder is then skipped and ``inputs`` unused.
+        """
+        if frames is None:
+            speech, speech_lengths = self.encode_speech(inputs, lengths)
+        else:
+            speech, speech_lengths = self.projector(frames[0].to(self.device),
+                                                    frames[1].to(self.device))
         if group_size > 1:
             speech = speech.repeat_interleave(group_size, dim=0)
             speech_lengths = speech_lengths.repeat_interleave(group_size, dim=0)

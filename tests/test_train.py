@@ -128,6 +128,52 @@ def test_sft_resume_matches_uninterrupted_run(tmp_path, tone_corpus, tiny_model_
         assert torch.equal(a[key], b[key]), key
 
 
+def test_sft_with_cached_encoder_outputs_matches_uncached(tmp_path, tone_corpus, tiny_model_config,
+                                                         monkeypatch):
+    from speechrl.train import speech
+    from speechrl.train.sft import train_sft
+
+    caches = []
+    original_init = speech.EncoderOutputCache.__init__
+
+    def spy(self, model, cfg):
+        original_init(self, model, cfg)
+        caches.append(self)
+
+    monkeypatch.setattr(speech.EncoderOutputCache, "__init__", spy)
+    # 30 steps of about 4 utterances over 48 training utterances: two and a half epochs.
+    plain = run_config(tmp_path / "a", tone_corpus, tiny_model_config, max_steps=30)
+    cached = run_config(tmp_path / "b", tone_corpus, tiny_model_config, max_steps=30,
+                        cache_encoder_outputs=True)
+    train_sft(plain)
+    assert caches == []
+    train_sft(cached)
+    (cache,) = caches
+    # Every training utterance went through the encoder exactly once.
+    assert cache.encoded == len(cache.frames) == 48
+    a = load_file(str(tmp_path / "a" / "run" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "last" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=1e-4, msg=key)
+    assert logged(tmp_path / "a" / "run", "train/loss") == pytest.approx(
+        logged(tmp_path / "b" / "run", "train/loss"), abs=1e-4)
+
+
+def test_encoder_output_cache_refuses_what_would_make_it_stale(tiny_model_config):
+    from speechrl.model import SpeechLLM
+    from speechrl.tokenizer import SpeechTokenizer
+    from speechrl.train.speech import EncoderOutputCache
+
+    model = SpeechLLM.from_config(tiny_model_config,
+                                  SpeechTokenizer.from_pretrained(tiny_model_config.tokenizer))
+    cfg = RunConfig(model=tiny_model_config, data=DataConfig(augment=True))
+    with pytest.raises(ValueError, match="data.augment"):
+        EncoderOutputCache(model, cfg)
+    next(model.encoder.parameters()).requires_grad_(True)
+    with pytest.raises(ValueError, match="fully frozen encoder"):
+        EncoderOutputCache(model, RunConfig(model=tiny_model_config))
+
+
 def test_lm_pretraining_loss_falls(tmp_path, tone_corpus):
     from speechrl.train.lm import train_lm
 

@@ -39,7 +39,13 @@ from speechrl.train.common import (
     stop_on_signals,
     track_skips,
 )
-from speechrl.train.speech import dev_evaluation, keep_if_best, load_or_build_model, speech_loaders
+from speechrl.train.speech import (
+    EncoderOutputCache,
+    dev_evaluation,
+    keep_if_best,
+    load_or_build_model,
+    speech_loaders,
+)
 
 
 def train_sft(cfg: RunConfig) -> Path:
@@ -52,11 +58,12 @@ def train_sft(cfg: RunConfig) -> Path:
     scheduler = build_scheduler(optimizer, cfg.train)
     state = maybe_resume(run, model, optimizer, scheduler)
     batches = endless_batches(train_loader, state)
+    cache = EncoderOutputCache(model, cfg) if cfg.train.cache_encoder_outputs else None
 
     bar = progress(cfg.train.max_steps, state.step, "sft")
     with stop_on_signals() as stop:
         while state.step < cfg.train.max_steps:
-            stats = sft_step(run, model, optimizer, batches, state)
+            stats = sft_step(run, model, optimizer, batches, state, cache)
             scheduler.step()
             state.step += 1
             bar.update(1)
@@ -78,9 +85,11 @@ def train_sft(cfg: RunConfig) -> Path:
     return run.best_dir if run.best_dir.exists() else run.last_dir
 
 
-def sft_step(run: Run, model, optimizer, batches, state: TrainerState) -> dict | None:
+def sft_step(run: Run, model, optimizer, batches, state: TrainerState,
+             cache: EncoderOutputCache | None = None) -> dict | None:
     """One optimizer step over ``grad_accum`` batches; None when the step was skipped as
-    non-finite (counted; the run stops after ``max_nonfinite_steps`` in a row)."""
+    non-finite (counted; the run stops after ``max_nonfinite_steps`` in a row). ``cache``
+    supplies the frozen encoder's frames when ``train.cache_encoder_outputs`` is on."""
     cfg = run.cfg.train
     tokenizer = distributed.unwrap(model).tokenizer
     model.train()
@@ -93,7 +102,8 @@ def sft_step(run: Run, model, optimizer, batches, state: TrainerState) -> dict |
         tokens = distributed.all_reduce_sum([int(mask.sum())])[0]
         with distributed.gradient_sync(model, enabled=i == cfg.grad_accum - 1):
             with autocast(run.device, cfg.precision):
-                logits = model(batch.inputs, batch.input_lengths, targets, mask)
+                frames = cache(model, batch) if cache is not None else None
+                logits = model(batch.inputs, batch.input_lengths, targets, mask, frames=frames)
             loss = sft_loss(logits.float(), targets, mask, num_tokens=max(tokens, 1))
             (loss * distributed.world_size() / cfg.grad_accum).backward()
         total_loss += loss.item()

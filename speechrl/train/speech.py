@@ -62,6 +62,45 @@ def speech_loaders(cfg: RunConfig, model, rank: int = 0, world_size: int = 1):
     return train, dev
 
 
+class EncoderOutputCache:
+    """A frozen encoder's output frames for each training utterance (by id), computed the first
+    time the utterance is met and reused in later epochs (``train.cache_encoder_outputs``).
+
+    Valid only while the encoder's output cannot change: every encoder parameter frozen (a
+    trainable layer weighting rules it out) and no audio augmentation. The frames computed for
+    an utterance alone equal those inside a padded batch up to float rounding, so a cached run
+    matches an uncached one to rounding, not bit for bit.
+    """
+
+    def __init__(self, model, cfg: RunConfig) -> None:
+        encoder = distributed.unwrap(model).encoder
+        if any(p.requires_grad for p in encoder.parameters()):
+            raise ValueError("train.cache_encoder_outputs needs a fully frozen encoder (no "
+                             "trainable parameters, e.g. no learned layer weighting)")
+        if cfg.data.augment:
+            raise ValueError("train.cache_encoder_outputs cannot be used with data.augment: "
+                             "augmented audio changes every epoch")
+        self.frames: dict[str, torch.Tensor] = {}
+        self.encoded = 0  # utterances put through the encoder
+
+    @torch.no_grad()
+    def __call__(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """batch -> its encoder frames (B, N, D_enc), zero-padded, and lengths (B,)."""
+        from speechrl.data import pad_inputs
+
+        missing = [i for i, utt_id in enumerate(batch.ids) if utt_id not in self.frames]
+        if missing:
+            rows = torch.tensor(missing, device=batch.inputs.device)
+            lengths = batch.input_lengths[rows]
+            inputs = batch.inputs[rows][:, : int(lengths.max())]
+            out, out_lengths = distributed.unwrap(model).encoder(inputs, lengths)
+            for j, i in enumerate(missing):
+                self.frames[batch.ids[i]] = out[j, : int(out_lengths[j])].detach()
+            self.encoded += len(missing)
+        frames, lengths = pad_inputs([self.frames[utt_id] for utt_id in batch.ids])
+        return frames, lengths.to(frames.device)
+
+
 def dev_evaluation(model, loader, run: Run, normalizer: str) -> dict[str, float]:
     """Dev loss (teacher forcing) and greedy dev WER over the dev loader: each rank scores its
     shard, then the loss sums are summed and the transcripts gathered over ranks."""
