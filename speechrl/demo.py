@@ -35,7 +35,7 @@ class DemoScale:
 # The full scale spends most of its time in SFT: with the tiny LLM, reading the speech (rather
 # than guessing from the LM prior) emerges only after about 2000 steps (docs/results.md), and
 # 3000 training sentences a language keep it from memorising the transcripts meanwhile.
-FULL = DemoScale(utts=3000, eval_utts=1000, lm_steps=200, ctc_steps=1000, sft_steps=3600,
+FULL = DemoScale(utts=3000, eval_utts=1000, lm_steps=200, ctc_steps=900, sft_steps=3600,
                  grpo_steps=100, adapt_steps=60, eval_every=900)
 QUICK = DemoScale(utts=60, eval_utts=None, lm_steps=60, ctc_steps=150, sft_steps=120,
                   grpo_steps=15, adapt_steps=10, eval_every=60)
