@@ -43,6 +43,11 @@ QUICK = DemoScale(utts=60, eval_utts=None, lm_steps=60, ctc_steps=150, sft_steps
 EVAL_SETS = ("test", "ood_noisy", "ood_farfield", "adapt_test")
 
 
+def warmup(steps: int) -> int:
+    """The presets' 100 warm-up steps, or a quarter of a shorter run (the quick demo)."""
+    return min(100, max(steps // 4, 1))
+
+
 def stage_overrides(out: Path, scale: DemoScale) -> dict[str, list[str]]:
     data, ckpt = out / "data", out / "checkpoints"
     common = [
@@ -59,9 +64,11 @@ def stage_overrides(out: Path, scale: DemoScale) -> dict[str, list[str]]:
         "pretrain-lm": common[:2] + [f"train.output_dir={out}/lm",
                                      f"train.max_steps={scale.lm_steps}"],
         "pretrain-encoder": common[:2] + [f"train.output_dir={out}/encoder",
-                                          f"train.max_steps={scale.ctc_steps}"],
+                                          f"train.max_steps={scale.ctc_steps}",
+                                          f"train.warmup_steps={warmup(scale.ctc_steps)}"],
         "sft": common + [f"train.output_dir={out}/sft", f"train.max_steps={scale.sft_steps}",
-                         f"train.eval_every={scale.eval_every}"],
+                         f"train.eval_every={scale.eval_every}",
+                         f"train.warmup_steps={warmup(scale.sft_steps)}"],
         "grpo": common + [f"train.output_dir={out}/grpo", f"train.init={ckpt}/sft",
                           f"train.max_steps={scale.grpo_steps}"],
         "adapt_sft": common + [f"train.output_dir={out}/adapt_sft"] + adapt,
