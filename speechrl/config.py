@@ -134,6 +134,10 @@ class TrainConfig:
     # use, so later epochs skip the encoder (memory: frames x encoder width per utterance, on
     # the model's device). For small encoders and corpora such as the CPU demo's.
     cache_encoder_outputs: bool = False
+    # SFT: for the first this many steps only the projector (and any trainable encoder part)
+    # learns; the LLM's gradients are dropped. The speech embeddings then have to carry the
+    # transcript before the LLM can fall back on its text prior (docs/results.md).
+    llm_frozen_steps: int = 0
     resume: bool = True  # continue from output_dir/last when it exists
     # Under torchrun: "ddp" (every rank holds the model) or "fsdp2" (parameters, gradients and
     # optimizer state sharded with fully_shard, for models that do not fit one device).

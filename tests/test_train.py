@@ -159,6 +159,37 @@ def test_sft_with_cached_encoder_outputs_matches_uncached(tmp_path, tone_corpus,
         logged(tmp_path / "b" / "run", "train/loss"), abs=1e-4)
 
 
+def test_sft_llm_frozen_steps_train_only_the_projector_first(tmp_path, tone_corpus,
+                                                           tiny_model_config):
+    from speechrl.train.sft import train_sft
+
+    def weights(folder: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(folder / "run" / "last" / "model.safetensors"))
+
+    from speechrl.model import SpeechLLM
+    from speechrl.tokenizer import SpeechTokenizer
+
+    frozen = run_config(tmp_path / "b", tone_corpus, tiny_model_config, max_steps=3,
+                        llm_frozen_steps=3)
+    after = run_config(tmp_path / "c", tone_corpus, tiny_model_config, max_steps=5,
+                       llm_frozen_steps=3)
+    for cfg in (frozen, after):
+        train_sft(cfg)
+    w3, w5 = weights(tmp_path / "b"), weights(tmp_path / "c")
+    torch.manual_seed(0)  # the trainer builds its model after seeding with train.seed = 0
+    fresh = SpeechLLM.from_config(tiny_model_config,
+                                  SpeechTokenizer.from_pretrained(tiny_model_config.tokenizer))
+    w0 = {k: v for k, v in fresh.state_dict().items() if k in w3}
+    llm = [k for k in w0 if k.startswith("llm.")]
+    projector = [k for k in w0 if k.startswith("projector.")]
+    assert llm and projector
+    # Three frozen steps: the LLM is exactly as it started, the projector has moved.
+    assert all(torch.equal(w0[k], w3[k]) for k in llm)
+    assert not all(torch.equal(w0[k], w3[k]) for k in projector)
+    # Steps 4 and 5 train the LLM too.
+    assert not all(torch.equal(w0[k], w5[k]) for k in llm)
+
+
 def test_encoder_output_cache_refuses_what_would_make_it_stale(tiny_model_config):
     from speechrl.model import SpeechLLM
     from speechrl.tokenizer import SpeechTokenizer

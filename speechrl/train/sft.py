@@ -110,6 +110,11 @@ def sft_step(run: Run, model, optimizer, batches, state: TrainerState,
         total_tokens += int(tokens)
     # Each rank's loss is its share of the global mean: their sum is the batch's loss.
     total_loss = distributed.all_reduce_sum([total_loss])[0]
+    if state.step < cfg.llm_frozen_steps:
+        # Dropped after the backward (not requires_grad=False), so DDP's hooks stay as built;
+        # AdamW leaves parameters without a gradient untouched, weight decay included.
+        for p in distributed.unwrap(model).llm.parameters():
+            p.grad = None
     grad_norm, finite = clip_and_check(model, cfg.grad_clip)
     if not finite or not math.isfinite(total_loss):
         skip_nonfinite(run, state, optimizer)
