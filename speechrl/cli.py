@@ -62,11 +62,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from speechrl import distributed
 
+    # Under torchrun the stage joined the process group; leave it once the command is done,
+    # all ranks together when it succeeded.
     try:
-        return run_command(args)
-    finally:
-        # Under torchrun the stage joined the process group; leave it once the command is done.
+        code = run_command(args)
+    except BaseException:
         distributed.teardown()
+        raise
+    distributed.teardown(synchronize=code == 0)
+    return code
 
 
 def run_command(args: argparse.Namespace) -> int:

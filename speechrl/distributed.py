@@ -106,11 +106,15 @@ def _rank_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def teardown() -> None:
+def teardown(synchronize: bool = False) -> None:
     """Leave the process group, once, when the process's work is done (safe to call when none
-    was joined). No barrier: a rank that failed must be able to leave while others wait in a
-    collective, so that torchrun sees the failure and stops them."""
+    was joined). ``synchronize``: wait at a barrier first, so that no rank tears its
+    communication threads down while another still talks to it (seen as an abort at exit).
+    Only for a rank that succeeded: a rank that failed must be able to leave while others wait
+    in a collective, so that torchrun sees the failure and stops them."""
     if dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -407,8 +407,10 @@ def worker(spec: str) -> None:
     try:
         for argv in json.loads(Path(spec).read_text()):
             run_command(build_parser().parse_args(argv))
-    finally:
+    except BaseException:
         distributed.teardown()
+        raise
+    distributed.teardown(synchronize=True)
 
 
 if __name__ == "__main__":
