@@ -101,6 +101,26 @@ def clip_and_check(model: torch.nn.Module, max_norm: float) -> tuple[float, bool
     return norm, math.isfinite(norm)
 
 
+def pretraining_update(run: Run, model: torch.nn.Module, optimizer, scheduler,
+                       state: TrainerState, bar, loss: torch.Tensor) -> None:
+    """The rest of a pre-training step (LM, CTC) once this rank's share of the loss is known:
+    backward, scaled by the world size because DDP / FSDP2 average gradients over ranks; the
+    loss summed over ranks; clipping; the optimizer step unless the loss or the gradient is
+    non-finite; the schedule, the step count, the progress bar and the log."""
+    (loss * distributed.world_size()).backward()
+    loss_value = distributed.all_reduce_sum([loss.item()])[0]
+    grad_norm, finite = clip_and_check(model, run.cfg.train.grad_clip)
+    if finite and math.isfinite(loss_value):
+        optimizer.step()
+    scheduler.step()
+    state.step += 1
+    bar.update(1)
+    if state.step % run.cfg.train.log_every == 0:
+        run.logger.log(state.step, {"loss": loss_value, "grad_norm": grad_norm,
+                                    "lr": scheduler.get_last_lr()[0]}, prefix="train/")
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+
+
 # --------------------------------------------------------------------------- state
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -30,10 +29,10 @@ from speechrl.train.common import (
     autocast,
     build_optimizer,
     build_scheduler,
-    clip_and_check,
     endless_batches,
     local_batch_size,
     maybe_resume,
+    pretraining_update,
     progress,
     resume_folder,
     save_optimizer_shards,
@@ -140,18 +139,7 @@ def train_ctc(cfg: RunConfig) -> Path:
             model.train()
             optimizer.zero_grad(set_to_none=True)
             loss = ctc_loss(model, batch, vocab, run, num_utterances=utterances)
-            (loss * distributed.world_size()).backward()  # DDP / FSDP2 average over ranks
-            loss_value = distributed.all_reduce_sum([loss.item()])[0]
-            grad_norm, finite = clip_and_check(model, cfg.train.grad_clip)
-            if finite and math.isfinite(loss_value):
-                optimizer.step()
-            scheduler.step()
-            state.step += 1
-            bar.update(1)
-            if state.step % cfg.train.log_every == 0:
-                run.logger.log(state.step, {"loss": loss_value, "grad_norm": grad_norm,
-                                            "lr": scheduler.get_last_lr()[0]}, prefix="train/")
-                bar.set_postfix(loss=f"{loss_value:.3f}")
+            pretraining_update(run, model, optimizer, scheduler, state, bar, loss)
             end = state.step == cfg.train.max_steps
             if dev_loader is not None and (state.step % cfg.train.eval_every == 0 or end):
                 dev = ctc_dev(model, dev_loader, vocab, run)

@@ -30,8 +30,8 @@ from speechrl.train.common import (
     autocast,
     build_optimizer,
     build_scheduler,
-    clip_and_check,
     maybe_resume,
+    pretraining_update,
     progress,
     resume_folder,
     save_optimizer_shards,
@@ -122,18 +122,7 @@ def train_lm(cfg: RunConfig) -> Path:
                 loss = llm(input_ids=ids.to(run.device),
                            attention_mask=(labels != -100).to(run.device),
                            labels=labels.to(run.device), num_items_in_batch=max(tokens, 1)).loss
-            (loss * distributed.world_size()).backward()  # DDP / FSDP2 average over ranks
-            loss_value = distributed.all_reduce_sum([loss.item()])[0]
-            grad_norm, finite = clip_and_check(llm, cfg.train.grad_clip)
-            if finite and np.isfinite(loss_value):
-                optimizer.step()
-            scheduler.step()
-            state.step += 1
-            bar.update(1)
-            if state.step % cfg.train.log_every == 0:
-                run.logger.log(state.step, {"loss": loss_value, "grad_norm": grad_norm,
-                                            "lr": scheduler.get_last_lr()[0]}, prefix="train/")
-                bar.set_postfix(loss=f"{loss_value:.3f}")
+            pretraining_update(run, llm, optimizer, scheduler, state, bar, loss)
             end = state.step == cfg.train.max_steps
             if dev_seqs and (state.step % cfg.train.eval_every == 0 or end):
                 dev_loss = lm_dev_loss(llm, dev_seqs, tokenizer.pad_id, run)
