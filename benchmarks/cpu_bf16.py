@@ -11,22 +11,19 @@ positions, of which 27 are predicted) and a plain matmul of the same shape, fp32
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from _common import best_time
 from transformers import LlamaForCausalLM
 
 from speechrl.model import llm_config_for_preset
 
+CPU = torch.device("cpu")
 
-def best_time(fn, repeats: int) -> float:
+
+def warm_best_time(fn, repeats: int) -> float:
     fn()  # warm-up: oneDNN picks its kernels on the first call
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return best_time(fn, CPU, repeats)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -54,8 +51,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             model.zero_grad(set_to_none=True)
 
         aa, ww = a.to(dtype), w.to(dtype)
-        matmul = best_time(lambda aa=aa, ww=ww: [aa @ ww.T for _ in range(20)], args.repeats) / 20
-        rows.append({"precision": name, "step_s": best_time(step, args.repeats),
+        matmul = warm_best_time(lambda aa=aa, ww=ww: [aa @ ww.T for _ in range(20)],
+                                args.repeats) / 20
+        rows.append({"precision": name, "step_s": warm_best_time(step, args.repeats),
                      "matmul_gflops": 2 * a.shape[0] * a.shape[1] * w.shape[0] / matmul / 1e9})
     print(f"tiny LLM, batch {args.batch} x {args.length} positions ({args.targets} predicted), "
           f"{args.threads} thread(s)")

@@ -14,11 +14,15 @@ from __future__ import annotations
 import argparse
 import random
 import string
-import time
 from collections.abc import Callable
+
+import torch
+from _common import best_time
 
 from speechrl.metrics import error_counts, hallucination_stats
 from speechrl.text import get_normalizer, normalize_texts
+
+CPU = torch.device("cpu")  # scoring runs on the host
 
 
 def make_pairs(utts: int, words: int, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -44,15 +48,6 @@ def make_pairs(utts: int, words: int, seed: int = 0) -> tuple[list[str], list[st
         refs.append(" ".join(ref).capitalize() + ".")
         hyps.append(" ".join(hyp).capitalize() + ".")
     return refs, hyps
-
-
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -89,7 +84,7 @@ def main() -> None:
     }
     print(f"{args.utts} utterances of ~{args.words} words, best of {args.repeats}:")
     for name, fn in cases.items():
-        print(f"  {name:44s} {best_time(fn, args.repeats):6.3f} s")
+        print(f"  {name:44s} {best_time(fn, CPU, args.repeats):6.3f} s")
 
 
 if __name__ == "__main__":
