@@ -179,6 +179,42 @@ def test_nonfinite_steps_in_a_row_stop_with_a_checkpoint(tmp_path, corpus,
     assert_same_weights(last_weights(cfg), last_weights(good))
 
 
+
+@pytest.mark.parametrize("stage", ["pretrain-lm", "pretrain-encoder"])
+def test_pretraining_counts_nonfinite_steps_and_stops(tmp_path, corpus, tiny_encoder_config,
+                                                      monkeypatch, stage):
+    """LM and CTC pre-training skip, count and stop on non-finite steps as SFT does: the losses
+    of steps 3-5 are made NaN before the real update sees them."""
+    from speechrl.config import ModelConfig, ProjectorConfig
+    from speechrl.train import common, ctc, lm
+    from speechrl.train.common import RunStopped
+
+    module, train = (lm, lm.train_lm) if stage == "pretrain-lm" else (ctc, ctc.train_ctc)
+    model_cfg = ModelConfig(projector=ProjectorConfig(stack=2)) if stage == "pretrain-lm" \
+        else ModelConfig(encoder=tiny_encoder_config)
+    settings = dict(batch_size=8) if stage == "pretrain-lm" else {}
+
+    def config(folder: str, **train_settings) -> RunConfig:
+        return run_config(tmp_path / folder, corpus, model_cfg, eval_every=1000, **settings,
+                          **train_settings)
+
+    train(config("good", max_steps=2, save_every=2))
+    calls = {"n": 0}
+
+    def nan_from_step_3(run, model, optimizer, scheduler, state, bar, loss):
+        calls["n"] += 1
+        loss = loss * float("nan") if calls["n"] > 2 else loss
+        common.pretraining_update(run, model, optimizer, scheduler, state, bar, loss)
+
+    monkeypatch.setattr(module, "pretraining_update", nan_from_step_3)
+    cfg = config("nan", max_steps=20, save_every=1000, max_nonfinite_steps=3)
+    with pytest.raises(RunStopped, match="3 non-finite steps in a row .* up to step 5") as info:
+        train(cfg)
+    assert info.value.exit_code == 1
+    state = json.loads((Path(cfg.train.output_dir) / "last" / "trainer_state.json").read_text())
+    assert (state["step"], state["nonfinite_in_row"], state["nonfinite_total"]) == (5, 3, 3)
+    assert_same_weights(last_weights(cfg), last_weights(config("good", max_steps=2)))
+
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, corpus,
                                                        tiny_model_config_module, monkeypatch,
                                                        capsys):

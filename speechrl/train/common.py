@@ -105,13 +105,18 @@ def pretraining_update(run: Run, model: torch.nn.Module, optimizer, scheduler,
                        state: TrainerState, bar, loss: torch.Tensor) -> None:
     """The rest of a pre-training step (LM, CTC) once this rank's share of the loss is known:
     backward, scaled by the world size because DDP / FSDP2 average gradients over ranks; the
-    loss summed over ranks; clipping; the optimizer step unless the loss or the gradient is
-    non-finite; the schedule, the step count, the progress bar and the log."""
+    loss summed over ranks; clipping; the optimizer step, or, when the loss or the gradient is
+    non-finite, a skipped step counted as in SFT and GRPO (the loop's :func:`stop_if_needed`
+    stops the run after ``train.max_nonfinite_steps`` in a row); the schedule, the step count,
+    the progress bar and the log."""
     (loss * distributed.world_size()).backward()
     loss_value = distributed.all_reduce_sum([loss.item()])[0]
     grad_norm, finite = clip_and_check(model, run.cfg.train.grad_clip)
     if finite and math.isfinite(loss_value):
         optimizer.step()
+        state.nonfinite_in_row = 0
+    else:
+        skip_nonfinite(run, state, optimizer)
     scheduler.step()
     state.step += 1
     bar.update(1)
@@ -119,6 +124,16 @@ def pretraining_update(run: Run, model: torch.nn.Module, optimizer, scheduler,
         run.logger.log(state.step, {"loss": loss_value, "grad_norm": grad_norm,
                                     "lr": scheduler.get_last_lr()[0]}, prefix="train/")
         bar.set_postfix(loss=f"{loss_value:.3f}")
+
+
+def skip_nonfinite(run: Run, state: TrainerState, optimizer) -> None:
+    """Drop the step's gradients and count it; the loop's :func:`stop_if_needed` stops the run
+    (with a checkpoint) after ``train.max_nonfinite_steps`` in a row."""
+    optimizer.zero_grad(set_to_none=True)
+    state.nonfinite_in_row += 1
+    state.nonfinite_total += 1
+    say(f"step {state.step}: non-finite loss or gradient, step skipped "
+        f"({state.nonfinite_in_row} in a row, limit {run.cfg.train.max_nonfinite_steps})")
 
 
 # --------------------------------------------------------------------------- state

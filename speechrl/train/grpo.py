@@ -63,12 +63,12 @@ from speechrl.train.common import (
     progress,
     report_skips,
     save_training_checkpoint,
+    skip_nonfinite,
     start_run,
     stop_if_needed,
     stop_on_signals,
     track_skips,
 )
-from speechrl.train.sft import skip_nonfinite
 from speechrl.train.speech import dev_evaluation, keep_if_best, load_or_build_model, speech_loaders
 
 

@@ -33,7 +33,7 @@ from speechrl.train.common import (
     progress,
     report_skips,
     save_training_checkpoint,
-    say,
+    skip_nonfinite,
     start_run,
     stop_if_needed,
     stop_on_signals,
@@ -124,11 +124,3 @@ def sft_step(run: Run, model, optimizer, batches, state: TrainerState,
     return {"loss": total_loss / cfg.grad_accum, "grad_norm": grad_norm, "tokens": total_tokens}
 
 
-def skip_nonfinite(run: Run, state: TrainerState, optimizer) -> None:
-    """Drop the step's gradients and count it; the loop's :func:`stop_if_needed` stops the run
-    (with a checkpoint) after ``train.max_nonfinite_steps`` in a row."""
-    optimizer.zero_grad(set_to_none=True)
-    state.nonfinite_in_row += 1
-    state.nonfinite_total += 1
-    say(f"step {state.step}: non-finite loss or gradient, step skipped "
-        f"({state.nonfinite_in_row} in a row, limit {run.cfg.train.max_nonfinite_steps})")
