@@ -71,7 +71,8 @@ def stage_overrides(out: Path, scale: DemoScale) -> dict[str, list[str]]:
                          f"train.warmup_steps={warmup(scale.sft_steps)}"],
         "grpo": common + [f"train.output_dir={out}/grpo", f"train.init={ckpt}/sft",
                           f"train.max_steps={scale.grpo_steps}"],
-        "adapt_sft": common + [f"train.output_dir={out}/adapt_sft"] + adapt,
+        "adapt_sft": common + [f"train.output_dir={out}/adapt_sft",
+                               f"train.warmup_steps={warmup(scale.adapt_steps)}"] + adapt,
         "adapt_grpo": common + [f"train.output_dir={out}/adapt_grpo"] + adapt,
     }
 
@@ -130,11 +131,13 @@ def demo_evaluation(out: Path, checkpoints: dict[str, Path], sets: dict[str, Pat
     return paths.markdown
 
 
-def run_demo(out: str | Path, quick: bool = False) -> Path:
+def run_demo(out: str | Path, quick: bool = False, scale: DemoScale | None = None) -> Path:
+    """Run (or finish) the demo in ``out``; returns the report's path. ``scale`` overrides the
+    full or ``quick`` sizes (the tests run the pipeline at a few steps a stage)."""
     from speechrl.synth import synthesize_corpus
 
     out = Path(out)
-    scale = QUICK if quick else FULL
+    scale = scale or (QUICK if quick else FULL)
     ckpt = out / "checkpoints"
     ckpt.mkdir(parents=True, exist_ok=True)
     if not (out / "data" / "corpus.json").exists():

@@ -1,0 +1,67 @@
+"""demo.py: the whole pipeline at a few steps a stage, its wiring, and a restart."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from speechrl.demo import EVAL_SETS, DemoScale, run_demo, warmup
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+
+MICRO = DemoScale(utts=6, eval_utts=None, lm_steps=3, ctc_steps=3, sft_steps=3, grpo_steps=1,
+                  adapt_steps=2, eval_every=3)
+CHECKPOINTS = ("sft", "grpo", "adapt_sft", "adapt_grpo")
+
+
+def test_warmup_is_the_presets_or_a_quarter_of_a_short_run():
+    assert [warmup(n) for n in (3600, 400, 60, 2, 1)] == [100, 100, 15, 1, 1]
+
+
+def test_demo_runs_every_stage_and_a_restart_only_rewrites_the_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    report = run_demo(out, scale=MICRO)
+    assert report == out / "report.md"
+    for name in CHECKPOINTS:
+        assert (out / "checkpoints" / name / "speechrl.json").exists(), name
+
+    # Each stage ran with the scale's steps, the adaptation ones from the SFT checkpoint on the
+    # adaptation data, and adapt SFT warms up within its own few steps.
+    def stage_config(name: str) -> dict:
+        kind = "grpo" if "grpo" in name else "sft"
+        return json.loads((out / name / f"{kind}_config.json").read_text())
+
+    data = out / "data"
+    sft, grpo = stage_config("sft"), stage_config("grpo")
+    assert (sft["train"]["max_steps"], sft["data"]["train"]) == (3, [str(data / "train.jsonl")])
+    assert (grpo["train"]["max_steps"], grpo["train"]["init"]) == (1, str(out / "checkpoints/sft"))
+    for name in ("adapt_sft", "adapt_grpo"):
+        cfg = stage_config(name)
+        assert cfg["train"]["init"] == str(out / "checkpoints" / "sft")
+        assert cfg["data"]["train"] == [str(data / "adapt_train.jsonl")]
+        assert cfg["data"]["dev"] == [str(data / "adapt_dev.jsonl")]
+        assert cfg["train"]["max_steps"] == 2
+    assert stage_config("adapt_sft")["train"]["warmup_steps"] == 1
+    assert stage_config("adapt_grpo")["train"]["warmup_steps"] == 0  # the GRPO preset's
+
+    # Every checkpoint decoded every row of every evaluation set.
+    rows = {s: len((data / f"{s}.jsonl").read_text().splitlines()) for s in EVAL_SETS}
+    results = json.loads((out / "report.json").read_text())["results"]
+    for name in CHECKPOINTS:
+        for set_name in EVAL_SETS:
+            assert results[name][set_name]["utterances"] == rows[set_name], (name, set_name)
+    text = report.read_text()
+    for title in ("Table II shape", "Table III shape", "Table IV shape"):
+        assert title in text
+
+    # A restart finds every stage done: nothing is trained again, the report is rewritten.
+    weights = {n: (out / "checkpoints" / n / "model.safetensors").stat().st_mtime_ns
+               for n in CHECKPOINTS}
+    capsys.readouterr()
+    run_demo(out, scale=MICRO)
+    err = capsys.readouterr().err
+    assert err.count("already done") == 6, err
+    assert {n: (out / "checkpoints" / n / "model.safetensors").stat().st_mtime_ns
+            for n in CHECKPOINTS} == weights
