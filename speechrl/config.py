@@ -138,6 +138,11 @@ class TrainConfig:
     # learns; the LLM's gradients are dropped. The speech embeddings then have to carry the
     # transcript before the LLM can fall back on its text prior (docs/results.md).
     llm_frozen_steps: int = 0
+    # SFT: weight of an auxiliary CTC loss that reads each projected speech token through the
+    # LLM's input embeddings (logits = speech @ E^T, blank = the pad token) and scores the
+    # transcript's tokens against them. It gives the projector a direct signal from the first
+    # step, so the LLM meets text-like speech tokens; 0 is the paper's SFT (eq. 2 only).
+    speech_ctc_weight: float = 0.0
     resume: bool = True  # continue from output_dir/last when it exists
     # Under torchrun: "ddp" (every rank holds the model) or "fsdp2" (parameters, gradients and
     # optimizer state sharded with fully_shard, for models that do not fit one device).

@@ -68,11 +68,14 @@ def stage_overrides(out: Path, scale: DemoScale) -> dict[str, list[str]]:
                                           f"train.warmup_steps={warmup(scale.ctc_steps)}"],
         "sft": common + [f"train.output_dir={out}/sft", f"train.max_steps={scale.sft_steps}",
                          f"train.eval_every={scale.eval_every}",
-                         f"train.warmup_steps={warmup(scale.sft_steps)}"],
+                         f"train.warmup_steps={warmup(scale.sft_steps)}",
+                         f"train.llm_frozen_steps={scale.sft_steps // 6}"],
         "grpo": common + [f"train.output_dir={out}/grpo", f"train.init={ckpt}/sft",
                           f"train.max_steps={scale.grpo_steps}"],
+        # Adaptation starts from a model that reads the speech: the LLM learns from step 1.
         "adapt_sft": common + [f"train.output_dir={out}/adapt_sft",
-                               f"train.warmup_steps={warmup(scale.adapt_steps)}"] + adapt,
+                               f"train.warmup_steps={warmup(scale.adapt_steps)}",
+                               "train.llm_frozen_steps=0"] + adapt,
         "adapt_grpo": common + [f"train.output_dir={out}/adapt_grpo"] + adapt,
     }
 

@@ -111,6 +111,34 @@ def sft_loss(
     return torch.where(valid, nll, 0.0).sum() / _count(num_tokens, valid.sum(), "num_tokens")
 
 
+def speech_ctc_loss(
+    logits: torch.Tensor,
+    speech_lengths: torch.Tensor,
+    targets: torch.Tensor,
+    target_lengths: torch.Tensor,
+    *,
+    blank: int,
+    num_tokens: int | float | None = None,
+) -> torch.Tensor:
+    """CTC of the transcripts against the speech tokens (``train.speech_ctc_weight``).
+
+    logits (B, N, V) score each speech token over the vocabulary (``SpeechLLM.forward`` with
+    ``with_speech_ctc``); speech_lengths (B,); targets (B, S) transcript ids, padded with any id
+    past target_lengths (B,). Summed over utterances and divided by ``num_tokens`` (default:
+    the transcripts' tokens), so it is a per-token figure like :func:`sft_loss`. An utterance
+    with too few speech tokens for its transcript has no CTC path and adds 0.
+    """
+    if logits.dim() != 3 or targets.dim() != 2 or targets.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"speech_ctc_loss wants logits (B, N, V) and targets (B, S); got "
+            f"{tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
+    log_probs = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)  # (N, B, V)
+    total = F.ctc_loss(log_probs, targets.masked_fill(targets < 0, blank), speech_lengths,
+                       target_lengths, blank=blank, reduction="sum", zero_infinity=True)
+    return total / _count(num_tokens, target_lengths.sum(), "num_tokens")
+
+
 # --------------------------------------------------------------------------- advantages
 
 

@@ -280,23 +280,31 @@ class SpeechLLM(nn.Module):
         target_mask: torch.Tensor,
         group_size: int = 1,
         frames: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+        with_speech_ctc: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Audio inputs to target logits (B*G, T, V): the path a DDP- or FSDP-wrapped trainer
         calls. targets and target_mask (B*G, T) hold G = ``group_size`` candidates per audio,
         audio-major (GRPO); each audio is encoded once and its speech repeated G times.
 
         ``frames``: the encoder's output (B, N, D_enc) and lengths (B,) when already known (a
         frozen encoder's cached output); the encoder is then skipped and ``inputs`` unused.
+        ``with_speech_ctc``: also return each speech token read through the LLM's input
+        embeddings, logits (B, N, V) = speech @ E^T, and the speech lengths (B,), for
+        :func:`speechrl.losses.speech_ctc_loss` (``train.speech_ctc_weight``).
         """
         if frames is None:
             speech, speech_lengths = self.encode_speech(inputs, lengths)
         else:
             speech, speech_lengths = self.projector(frames[0].to(self.device),
                                                     frames[1].to(self.device))
+        ctc_logits = speech @ self.llm.get_input_embeddings().weight.t() if with_speech_ctc \
+            else None
+        ctc_lengths = speech_lengths
         if group_size > 1:
             speech = speech.repeat_interleave(group_size, dim=0)
             speech_lengths = speech_lengths.repeat_interleave(group_size, dim=0)
-        return self.target_logits(speech, speech_lengths, targets, target_mask)
+        logits = self.target_logits(speech, speech_lengths, targets, target_mask)
+        return (logits, ctc_logits, ctc_lengths) if with_speech_ctc else logits
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimizer should update (frozen encoder and LoRA base excluded)."""

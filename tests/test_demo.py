@@ -11,7 +11,7 @@ from speechrl.demo import EVAL_SETS, DemoScale, run_demo, warmup
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
 
-MICRO = DemoScale(utts=6, eval_utts=None, lm_steps=3, ctc_steps=3, sft_steps=3, grpo_steps=1,
+MICRO = DemoScale(utts=6, eval_utts=None, lm_steps=3, ctc_steps=3, sft_steps=6, grpo_steps=1,
                   adapt_steps=2, eval_every=3)
 CHECKPOINTS = ("sft", "grpo", "adapt_sft", "adapt_grpo")
 
@@ -35,7 +35,9 @@ def test_demo_runs_every_stage_and_a_restart_only_rewrites_the_report(tmp_path, 
 
     data = out / "data"
     sft, grpo = stage_config("sft"), stage_config("grpo")
-    assert (sft["train"]["max_steps"], sft["data"]["train"]) == (3, [str(data / "train.jsonl")])
+    assert (sft["train"]["max_steps"], sft["data"]["train"]) == (6, [str(data / "train.jsonl")])
+    # SFT trains the projector alone for a sixth of its steps, with the preset's CTC term.
+    assert (sft["train"]["llm_frozen_steps"], sft["train"]["speech_ctc_weight"]) == (1, 0.5)
     assert (grpo["train"]["max_steps"], grpo["train"]["init"]) == (1, str(out / "checkpoints/sft"))
     for name in ("adapt_sft", "adapt_grpo"):
         cfg = stage_config(name)
@@ -44,6 +46,7 @@ def test_demo_runs_every_stage_and_a_restart_only_rewrites_the_report(tmp_path, 
         assert cfg["data"]["dev"] == [str(data / "adapt_dev.jsonl")]
         assert cfg["train"]["max_steps"] == 2
     assert stage_config("adapt_sft")["train"]["warmup_steps"] == 1
+    assert stage_config("adapt_sft")["train"]["llm_frozen_steps"] == 0
     assert stage_config("adapt_grpo")["train"]["warmup_steps"] == 0  # the GRPO preset's
 
     # Every checkpoint decoded every row of every evaluation set.

@@ -16,6 +16,7 @@ from speechrl.losses import (
     kl_k3,
     policy_loss,
     sft_loss,
+    speech_ctc_loss,
 )
 
 E = math.e
@@ -42,6 +43,44 @@ def test_sft_loss_hand_derived():
         (math.log(2) - math.log(0.75)) / 4, abs=1e-6
     )
 
+
+
+def _ctc_by_enumeration(log_probs: torch.Tensor, target: list[int], blank: int) -> float:
+    """-log of the summed probability of every frame labelling that collapses to ``target``
+    (merge repeats, then drop blanks): the definition, without the forward algorithm."""
+    import itertools
+
+    n, v = log_probs.shape
+    total = 0.0
+    for path in itertools.product(range(v), repeat=n):
+        merged = [k for i, k in enumerate(path) if i == 0 or k != path[i - 1]]
+        if [k for k in merged if k != blank] == target:
+            total += math.exp(sum(log_probs[i, k].item() for i, k in enumerate(path)))
+    return -math.log(total) if total > 0 else math.inf
+
+
+def test_speech_ctc_loss_against_enumerated_alignments():
+    # Two utterances, V = 3 with blank 0. Utterance 0: 4 speech tokens, transcript [1, 2];
+    # utterance 1: 3 tokens (a 4th of padding), transcript [2, 2] (needs a blank between).
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 3, generator=gen)
+    lengths = torch.tensor([4, 3])
+    targets = torch.tensor([[1, 2], [2, 2]])
+    target_lengths = torch.tensor([2, 2])
+    log_probs = F.log_softmax(logits, dim=-1)
+    expected = [_ctc_by_enumeration(log_probs[0], [1, 2], 0),
+                _ctc_by_enumeration(log_probs[1, :3], [2, 2], 0)]
+    loss = speech_ctc_loss(logits, lengths, targets, target_lengths, blank=0)
+    assert loss.item() == pytest.approx(sum(expected) / 4, rel=1e-5)  # 4 transcript tokens
+    assert speech_ctc_loss(logits, lengths, targets, target_lengths, blank=0,
+                           num_tokens=10).item() == pytest.approx(sum(expected) / 10, rel=1e-5)
+    # [2, 2] in 2 tokens has no path (the repeat needs a blank): it adds 0, not inf.
+    short = speech_ctc_loss(logits, torch.tensor([4, 2]), targets, target_lengths, blank=0)
+    assert short.item() == pytest.approx(expected[0] / 4, rel=1e-5)
+    # Padding past a transcript's length, even -100, is never read.
+    padded = torch.tensor([[1, 2, -100], [2, 2, 7]])
+    assert speech_ctc_loss(logits, lengths, padded, target_lengths, blank=0).item() == \
+        pytest.approx(loss.item(), rel=1e-6)
 
 def test_sft_loss_rejects_bad_shapes():
     with pytest.raises(ValueError, match="logits \\(B, T, V\\)"):

@@ -115,6 +115,24 @@ def test_shapes_and_left_padded_prompt(tiny_model, random_fbank):
     assert logits.shape == (3, targets.shape[1], tok.vocab_size)
 
 
+
+def test_forward_with_speech_ctc_reads_the_speech_through_the_input_embeddings(tiny_model,
+                                                                                random_fbank):
+    feats, feat_lengths = random_fbank([100, 61, 37])
+    targets, target_mask = targets_for(tiny_model)
+    with torch.no_grad():
+        plain = tiny_model(feats, feat_lengths, targets, target_mask)
+        logits, ctc_logits, lengths = tiny_model(feats, feat_lengths, targets, target_mask,
+                                                 with_speech_ctc=True)
+        speech, speech_lengths = tiny_model.encode_speech(feats, feat_lengths)
+        embeddings = tiny_model.embed_tokens(torch.arange(tiny_model.tokenizer.vocab_size))
+    assert torch.equal(logits, plain)
+    assert ctc_logits.shape == (3, 12, tiny_model.tokenizer.vocab_size)
+    assert lengths.tolist() == speech_lengths.tolist() == [12, 7, 4]
+    # Token n of utterance b scores word v by the dot product of its speech and v's embedding.
+    torch.testing.assert_close(ctc_logits[1, 5, 9], speech[1, 5] @ embeddings[9])
+    torch.testing.assert_close(ctc_logits, speech @ embeddings.T)
+
 def test_logprobs_alone_equal_logprobs_in_a_padded_batch(tiny_model, random_fbank):
     speech, speech_lengths = speech_batch(tiny_model, random_fbank)
     targets, target_mask = targets_for(tiny_model)

@@ -205,6 +205,29 @@ def test_encoder_output_cache_refuses_what_would_make_it_stale(tiny_model_config
         EncoderOutputCache(model, RunConfig(model=tiny_model_config))
 
 
+
+def test_sft_speech_ctc_weight_trains_the_projector_on_the_ctc_loss(tmp_path, tone_corpus,
+                                                                   tiny_model_config):
+    from speechrl.train.sft import train_sft
+
+    def run(folder: str, weight: float, steps: int) -> Path:
+        return train_sft(run_config(tmp_path / folder, tone_corpus, tiny_model_config,
+                                    max_steps=steps, eval_every=1000, speech_ctc_weight=weight))
+
+    plain, ctc = run("plain", 0.0, 20), run("ctc", 1.0, 20)
+    # Step 1 sees the same model and batch: the logged SFT loss (eq. 2 alone) is the same;
+    # the CTC term is logged beside it, and only when switched on.
+    assert logged(tmp_path / "plain" / "run", "train/loss")[0] == pytest.approx(
+        logged(tmp_path / "ctc" / "run", "train/loss")[0], rel=1e-6)
+    assert logged(tmp_path / "plain" / "run", "train/speech_ctc") == []
+    ctc_losses = logged(tmp_path / "ctc" / "run", "train/speech_ctc")
+    assert len(ctc_losses) == 20 and all(np.isfinite(ctc_losses))
+    # It is in the backward: the projector moves differently, and the CTC loss falls.
+    a = load_file(str(plain / "model.safetensors"))
+    b = load_file(str(ctc / "model.safetensors"))
+    assert not torch.equal(a["projector.net.weight"], b["projector.net.weight"])
+    assert np.mean(ctc_losses[-5:]) < 0.8 * np.mean(ctc_losses[:5])
+
 def test_lm_pretraining_loss_falls(tmp_path, tone_corpus):
     from speechrl.train.lm import train_lm
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from speechrl import distributed
 from speechrl.config import RunConfig
-from speechrl.losses import sft_loss
+from speechrl.losses import sft_loss, speech_ctc_loss
 from speechrl.train.common import (
     Run,
     TrainerState,
@@ -94,7 +94,8 @@ def sft_step(run: Run, model, optimizer, batches, state: TrainerState,
     tokenizer = distributed.unwrap(model).tokenizer
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    total_loss, total_tokens = 0.0, 0
+    ctc_weight = cfg.speech_ctc_weight
+    total_loss, total_ctc, total_tokens = 0.0, 0.0, 0
     for i in range(cfg.grad_accum):
         batch = next(batches).to(run.device)
         targets, mask = encode_targets(tokenizer, batch.texts, run.device)
@@ -103,24 +104,35 @@ def sft_step(run: Run, model, optimizer, batches, state: TrainerState,
         with distributed.gradient_sync(model, enabled=i == cfg.grad_accum - 1):
             with autocast(run.device, cfg.precision):
                 frames = cache(model, batch) if cache is not None else None
-                logits = model(batch.inputs, batch.input_lengths, targets, mask, frames=frames)
+                out = model(batch.inputs, batch.input_lengths, targets, mask, frames=frames,
+                            with_speech_ctc=ctc_weight > 0)
+            logits = out[0] if ctc_weight > 0 else out
             loss = sft_loss(logits.float(), targets, mask, num_tokens=max(tokens, 1))
-            (loss * distributed.world_size() / cfg.grad_accum).backward()
+            objective = loss
+            if ctc_weight > 0:  # the transcript without its <EOS>, against the speech tokens
+                ctc = speech_ctc_loss(out[1], out[2], targets, mask.sum(1) - 1,
+                                      blank=tokenizer.pad_id, num_tokens=max(tokens, 1))
+                objective = loss + ctc_weight * ctc
+                total_ctc += ctc.item()
+            (objective * distributed.world_size() / cfg.grad_accum).backward()
         total_loss += loss.item()
         total_tokens += int(tokens)
     # Each rank's loss is its share of the global mean: their sum is the batch's loss.
-    total_loss = distributed.all_reduce_sum([total_loss])[0]
+    total_loss, total_ctc = distributed.all_reduce_sum([total_loss, total_ctc])
     if state.step < cfg.llm_frozen_steps:
         # Dropped after the backward (not requires_grad=False), so DDP's hooks stay as built;
         # AdamW leaves parameters without a gradient untouched, weight decay included.
         for p in distributed.unwrap(model).llm.parameters():
             p.grad = None
     grad_norm, finite = clip_and_check(model, cfg.grad_clip)
-    if not finite or not math.isfinite(total_loss):
+    if not finite or not math.isfinite(total_loss + total_ctc):
         skip_nonfinite(run, state, optimizer)
         return None
     optimizer.step()
     state.nonfinite_in_row = 0
-    return {"loss": total_loss / cfg.grad_accum, "grad_norm": grad_norm, "tokens": total_tokens}
+    stats = {"loss": total_loss / cfg.grad_accum, "grad_norm": grad_norm, "tokens": total_tokens}
+    if ctc_weight > 0:
+        stats["speech_ctc"] = total_ctc / cfg.grad_accum
+    return stats
 
 
