@@ -23,8 +23,9 @@ from speechrl.report import Hypothesis, ReportPaths, Section, write_report
 
 
 def decode_manifest(model, manifest: str | Path, *, options, device, data_cfg=None,
-                    desc: str = "", skips=None) -> list[Hypothesis]:
-    """Decode every readable utterance of a manifest (sorted by length, batched by duration).
+                    desc: str = "", skips=None, precision: str = "fp32") -> list[Hypothesis]:
+    """Decode every readable utterance of a manifest (sorted by length, batched by duration),
+    in ``precision`` (``fp32``, ``bf16`` autocast, or ``auto``: bf16 on GPU).
 
     Rows that cannot be read are skipped and counted by the loader, never fatal; ``skips`` (a
     :class:`~speechrl.data.SkipCounter`), when given, receives them from all ranks. Under
@@ -37,7 +38,7 @@ def decode_manifest(model, manifest: str | Path, *, options, device, data_cfg=No
     from speechrl.config import DataConfig
     from speechrl.data import make_dataloader
     from speechrl.generate import generate
-    from speechrl.train.common import gather_skips
+    from speechrl.train.common import autocast, gather_skips
 
     data_cfg = data_cfg or DataConfig()
     loader = make_dataloader([str(manifest)], data_cfg, features=model.encoder.input_kind,
@@ -50,8 +51,9 @@ def decode_manifest(model, manifest: str | Path, *, options, device, data_cfg=No
                                disable=not distributed.is_main()) as bar:
         for batch in loader:
             batch = batch.to(device)
-            result = generate(model, batch.inputs, batch.input_lengths, options,
-                              durations=batch.durations)
+            with autocast(device, precision):
+                result = generate(model, batch.inputs, batch.input_lengths, options,
+                                  durations=batch.durations)
             G = options.num_return_sequences
             batches.append([
                 Hypothesis(id=utt_id, ref=batch.texts[i], hyp=result.texts[i * G],
@@ -83,12 +85,14 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
                          training_metrics: Mapping[str, str | Path] | None = None,
                          curve_keys: Sequence[str] | None = None,
                          title: str = "speechrl evaluation",
-                         trust_remote_code: bool = False) -> ReportPaths:
+                         trust_remote_code: bool = False,
+                         precision: str = "fp32") -> ReportPaths:
     """Decode each set with each checkpoint and write the report; the first checkpoint is the
     baseline of the relative WER changes. The rows of each set left out go to ``skips.json``
     (``{set: {reason: count}}``) beside the report. Under torchrun the ranks share the decoding
     and rank 0 writes the report; every rank returns its paths. ``trust_remote_code`` lets the
-    checkpoints' Hugging Face parts run their own code (never switched on by a checkpoint)."""
+    checkpoints' Hugging Face parts run their own code (never switched on by a checkpoint).
+    ``precision``: ``fp32`` (the default), ``bf16`` autocast, or ``auto`` (bf16 on GPU)."""
     from speechrl.checkpoint import load_model
     from speechrl.data import SkipCounter
     from speechrl.train.common import say
@@ -101,7 +105,7 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
         model = load_model(path, device=dev, trust_remote_code=trust_remote_code)
         results[name] = {set_name: decode_manifest(model, manifest, options=options, device=dev,
                                                    desc=f"{name} / {set_name}",
-                                                   skips=skips[set_name])
+                                                   skips=skips[set_name], precision=precision)
                          for set_name, manifest in sets.items()}
         del model
     paths = None
@@ -134,6 +138,8 @@ def add_eval_arguments(parser) -> None:
                         choices=["whisper", "basic", "lower", "none"])
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                        help="bf16 autocast, or auto (bf16 on GPU); fp32 by default")
     add_trust_remote_code_argument(parser)
     parser.add_argument("--metrics", action="append", default=[],
                         help="NAME=metrics.jsonl of a training run, plotted as curves")
@@ -170,7 +176,8 @@ def eval_main(args) -> int:
                                      normalizer=args.normalizer, beam=args.beam,
                                      device=args.device, max_new_tokens=args.max_new_tokens,
                                      training_metrics=_named(args.metrics) or None,
-                                     trust_remote_code=args.trust_remote_code)
+                                     trust_remote_code=args.trust_remote_code,
+                                     precision=args.precision)
     except (CheckpointError, ManifestError) as err:  # a message, not a stack trace
         print(f"eval: {err}", file=sys.stderr, flush=True)
         return 1
