@@ -49,6 +49,10 @@ from speechrl.train.speech import (
 
 
 def train_sft(cfg: RunConfig) -> Path:
+    if cfg.train.speech_ctc_weight < 0 or cfg.train.llm_frozen_steps < 0:
+        raise ValueError(
+            f"train.speech_ctc_weight and train.llm_frozen_steps must be >= 0, got "
+            f"{cfg.train.speech_ctc_weight} and {cfg.train.llm_frozen_steps}")
     run = start_run(cfg, "sft")
     plain = load_or_build_model(cfg, run.device)
     train_loader, dev_loader = speech_loaders(cfg, plain, run.world.rank, run.world.world_size)
