@@ -36,8 +36,8 @@ def test_demo_runs_every_stage_and_a_restart_only_rewrites_the_report(tmp_path, 
     data = out / "data"
     sft, grpo = stage_config("sft"), stage_config("grpo")
     assert (sft["train"]["max_steps"], sft["data"]["train"]) == (6, [str(data / "train.jsonl")])
-    # SFT trains the projector alone for a sixth of its steps, with the preset's CTC term.
-    assert (sft["train"]["llm_frozen_steps"], sft["train"]["speech_ctc_weight"]) == (1, 0.5)
+    # SFT trains everything from step 1, with the preset's CTC term on the speech tokens.
+    assert (sft["train"]["llm_frozen_steps"], sft["train"]["speech_ctc_weight"]) == (0, 0.5)
     assert (grpo["train"]["max_steps"], grpo["train"]["init"]) == (1, str(out / "checkpoints/sft"))
     for name in ("adapt_sft", "adapt_grpo"):
         cfg = stage_config(name)
@@ -46,7 +46,6 @@ def test_demo_runs_every_stage_and_a_restart_only_rewrites_the_report(tmp_path, 
         assert cfg["data"]["dev"] == [str(data / "adapt_dev.jsonl")]
         assert cfg["train"]["max_steps"] == 2
     assert stage_config("adapt_sft")["train"]["warmup_steps"] == 1
-    assert stage_config("adapt_sft")["train"]["llm_frozen_steps"] == 0
     assert stage_config("adapt_grpo")["train"]["warmup_steps"] == 0  # the GRPO preset's
 
     # Every checkpoint decoded every row of every evaluation set.
