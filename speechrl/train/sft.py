@@ -110,11 +110,11 @@ def sft_step(run: Run, model, optimizer, batches, state: TrainerState,
                 frames = cache(model, batch) if cache is not None else None
                 out = model(batch.inputs, batch.input_lengths, targets, mask, frames=frames,
                             with_speech_ctc=ctc_weight > 0)
-            logits = out[0] if ctc_weight > 0 else out
+            logits, ctc_logits, speech_lengths = out if ctc_weight > 0 else (out, None, None)
             loss = sft_loss(logits.float(), targets, mask, num_tokens=max(tokens, 1))
             objective = loss
             if ctc_weight > 0:  # the transcript without its <EOS>, against the speech tokens
-                ctc = speech_ctc_loss(out[1], out[2], targets, mask.sum(1) - 1,
+                ctc = speech_ctc_loss(ctc_logits, speech_lengths, targets, mask.sum(1) - 1,
                                       blank=tokenizer.pad_id, num_tokens=max(tokens, 1))
                 objective = loss + ctc_weight * ctc
                 total_ctc += ctc.item()
