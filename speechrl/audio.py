@@ -300,6 +300,25 @@ def babble(talkers: Sequence[np.ndarray], num_samples: int, rng: np.random.Gener
     return (mix / max(rms(mix), 1e-12)).astype(np.float32)
 
 
+def tones(num_samples: int, rng: np.random.Generator,
+          sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Beeps and sweeps with gaps between them (S,), unit RMS: each tone 0.05-0.6 s, steady or
+    gliding between two frequencies of 200-3000 Hz, with 10 ms fades; gaps of 0.05-0.5 s."""
+    out = np.zeros(num_samples, dtype=np.float64)
+    pos = min(int(rng.uniform(0.0, 0.3) * sample_rate), num_samples // 2)  # a tone always fits
+    while pos < num_samples:
+        n = min(int(rng.uniform(0.05, 0.6) * sample_rate), num_samples - pos)
+        f0, f1 = rng.uniform(200.0, 3000.0, size=2)
+        if rng.random() < 0.5:
+            f1 = f0  # a steady beep; else a linear sweep from f0 to f1
+        freq = np.linspace(f0, f1, n)
+        phase = 2.0 * np.pi * np.cumsum(freq) / sample_rate
+        fade = np.minimum(1.0, np.minimum(np.arange(n), np.arange(n)[::-1]) / (0.01 * sample_rate))
+        out[pos : pos + n] = np.sin(phase) * fade * rng.uniform(0.3, 1.0)
+        pos += n + int(rng.uniform(0.05, 0.5) * sample_rate)
+    return (out / max(rms(out), 1e-12)).astype(np.float32)
+
+
 def room_impulse_response(
     rt60: float,
     rng: np.random.Generator,

@@ -11,6 +11,13 @@ module builds a small corpus with the same shape:
 3. Acoustics (``speechrl.audio``): babble or coloured noise at 0-10 dB SNR (``ood_noisy``),
    synthetic room reverberation plus noise (``ood_farfield``), narrow-band telephone with
    reverberation (``adapt_*``).
+4. Hallucination probes, where an LLM recogniser is tempted to write what was not said:
+   ``ood_overlap`` (a second, unseen talker 0-6 dB below the main one, running past its end, as
+   in meetings), ``ood_nonspeech`` (babble of unseen voices, coloured noise, tones or near-silence
+   only, 1-8 s, with an empty reference: every word written is an insertion) and ``ood_long``
+   (two or more sentences of one speaker joined by short pauses, 12-20 s: longer than any
+   training utterance, which lasts at most about 10 s). Their main talkers come from the
+   in-domain pool, so what they probe is the condition; the interfering voices are unseen.
 
 Layout: ``DIR/<set>.jsonl`` manifests, ``DIR/audio/<set>/<id>.flac`` (16 kHz) and
 ``DIR/corpus.json``. The same seed gives the same text and the same audio bytes (for a given
@@ -176,7 +183,25 @@ SETS = (
             "mu-law, line noise 25-35 dB SNR"),
     SetSpec("adapt_dev", 0.05, "adapt", "telephone", "as adapt_train"),
     SetSpec("adapt_test", 0.1, "adapt", "telephone", "as adapt_train"),
+    # The hallucination probes come after the sets above, so adding them changed none of those.
+    SetSpec("ood_overlap", 0.1, "in_domain", "overlap",
+            "in-domain main talker; a second talker of the unseen pool 0-6 dB below, starting "
+            "10-60 % into the main sentence and running on past its end; the reference is the "
+            "main talker's text"),
+    SetSpec("ood_nonspeech", 0.06, "ood", "nonspeech",
+            "no speech: babble of 3-6 unseen voices, coloured noise, tones or near-silence, "
+            "1-8 s; the reference is empty"),
+    SetSpec("ood_long", 0.06, "in_domain", "long",
+            "one in-domain speaker, two or more sentences joined by 0.2-0.6 s pauses, 12-20 s "
+            "long (training utterances last at most about 10 s)"),
 )
+
+# What ood_nonspeech clips hold, each drawn equally often.
+NONSPEECH_KINDS = ("babble", "noise", "tones", "silence")
+# ood_long: sentences are added until the clip lasts LONG_SECONDS[0], never beyond [1], drawn
+# from LONG_MAX_SENTENCES planned ones.
+LONG_SECONDS = (12.0, 20.0)
+LONG_MAX_SENTENCES = 8
 
 
 @dataclass(frozen=True)
@@ -189,6 +214,10 @@ class UtterancePlan:
     condition: str
     seed: tuple[int, ...]  # seeds the acoustic rendering
     babble: tuple[tuple[str, Speaker], ...] = ()  # other talkers mixed in as noise
+    interferer: tuple[str, Speaker] | None = None  # ood_overlap: the second talker
+    nonspeech: str = ""  # ood_nonspeech: one of NONSPEECH_KINDS (text is then empty)
+    # ood_long: the sentences after ``text``, spoken in order while the clip is short enough
+    more_text: tuple[str, ...] = ()
 
 
 def set_sizes(utts: int, eval_utts: int | None = None) -> dict[str, int]:
@@ -206,7 +235,8 @@ def plan_corpus(langs: Sequence[str], utts: int, seed: int,
                 eval_utts: int | None = None) -> list[UtterancePlan]:
     """Every utterance of the corpus: text, speaker and condition, from ``seed`` alone.
 
-    No sentence appears twice in a language, so the test sets share no text with training.
+    No sentence appears twice in a language, so the test sets share no text with training
+    (a probe's interfering or babbling talkers may say anything: they are not transcribed).
     """
     sizes = set_sizes(utts, eval_utts)
     plans = []
@@ -216,23 +246,43 @@ def plan_corpus(langs: Sequence[str], utts: int, seed: int,
         for si, spec in enumerate(SETS):
             rng = np.random.default_rng([seed, si, li])
             for i in range(sizes[spec.name]):
-                text = generator.sentence(rng)
-                for _ in range(100):
-                    if text not in used:
-                        break
-                    text = generator.sentence(rng)
-                used.add(text)
-                babble = ()
+                extra: dict = {}
+                if spec.condition == "nonspeech":
+                    kind = NONSPEECH_KINDS[int(rng.integers(len(NONSPEECH_KINDS)))]
+                    text, extra["nonspeech"] = "", kind
+                    if kind == "babble":
+                        extra["babble"] = tuple(
+                            (generator.sentence(rng), draw_speaker("ood", rng))
+                            for _ in range(int(rng.integers(3, 7))))
+                else:
+                    text = _unused_sentence(generator, used, rng)
                 if spec.condition == "noisy" and rng.random() < 0.5:
-                    babble = tuple((generator.sentence(rng), draw_speaker(spec.pool, rng))
-                                   for _ in range(int(rng.integers(3, 6))))
+                    extra["babble"] = tuple((generator.sentence(rng), draw_speaker(spec.pool, rng))
+                                            for _ in range(int(rng.integers(3, 6))))
+                elif spec.condition == "overlap":
+                    extra["interferer"] = (generator.sentence(rng), draw_speaker("ood", rng))
+                elif spec.condition == "long":
+                    extra["more_text"] = tuple(_unused_sentence(generator, used, rng)
+                                               for _ in range(LONG_MAX_SENTENCES - 1))
                 plans.append(UtterancePlan(
                     set_name=spec.name, id=f"{spec.name}-{lang}-{i:05d}", language=lang,
                     text=text, speaker=draw_speaker(spec.pool, rng), condition=spec.condition,
-                    seed=(seed, si, li, i), babble=babble))
+                    seed=(seed, si, li, i), **extra))
     # Sets in SETS order, each grouped by language, as the manifests list them.
     order = {s.name: k for k, s in enumerate(SETS)}
     return sorted(plans, key=lambda p: (order[p.set_name], langs.index(p.language)))
+
+
+def _unused_sentence(generator: SentenceGenerator, used: set[str],
+                     rng: np.random.Generator) -> str:
+    """A sentence not yet in ``used`` (100 tries), which it joins."""
+    text = generator.sentence(rng)
+    for _ in range(100):
+        if text not in used:
+            break
+        text = generator.sentence(rng)
+    used.add(text)
+    return text
 
 
 # --------------------------------------------------------------------------- rendering
@@ -245,12 +295,22 @@ def speak(engine: Espeak, text: str, language: str, speaker: Speaker) -> np.ndar
     return audio.resample(samples.astype(np.float32) / 32768.0, engine.sample_rate, SAMPLE_RATE)
 
 
-def render(plan: UtterancePlan, engine: Espeak) -> tuple[np.ndarray, dict[str, float | str]]:
-    """The utterance's audio (S,) at 16 kHz in its acoustic condition, and what was applied."""
+def render(plan: UtterancePlan,
+           engine: Espeak) -> tuple[np.ndarray, dict[str, float | str], str]:
+    """The utterance's audio (S,) at 16 kHz in its acoustic condition, what was applied, and
+    its transcript (the plan's text; for ``long``, the sentences that were spoken)."""
     rng = np.random.default_rng(list(plan.seed))
+    if plan.condition == "nonspeech":
+        wave, acoustics = _nonspeech(plan, engine, rng)
+        return wave, acoustics, ""
+    if plan.condition == "long":
+        wave, text, acoustics = _long(plan, engine, rng)
+        return audio.normalise_level(wave, float(rng.uniform(-28.0, -18.0))), acoustics, text
     wave = speak(engine, plan.text, plan.language, plan.speaker)
     acoustics: dict[str, float | str] = {}
-    if plan.condition == "noisy":
+    if plan.condition == "overlap":
+        wave, acoustics = _overlap(wave, plan, engine, rng)
+    elif plan.condition == "noisy":
         snr = float(rng.uniform(0.0, 10.0))
         if plan.babble:
             talkers = [speak(engine, t, plan.language, s) for t, s in plan.babble]
@@ -273,7 +333,76 @@ def render(plan: UtterancePlan, engine: Espeak) -> tuple[np.ndarray, dict[str, f
         wave = audio.mix_at_snr(wave, audio.coloured_noise(len(wave), 0.0, rng), snr)
         wave = audio.telephone(wave)
         acoustics = {"rt60": round(rt60, 3), "drr_db": round(drr, 2), "snr_db": round(snr, 2)}
-    return audio.normalise_level(wave, float(rng.uniform(-28.0, -18.0))), acoustics
+    return audio.normalise_level(wave, float(rng.uniform(-28.0, -18.0))), acoustics, plan.text
+
+
+def _overlap(main: np.ndarray, plan: UtterancePlan, engine: Espeak,
+             rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float | str]]:
+    """``main`` (S,) with the plan's second talker starting 10-60 % into it, 0-6 dB quieter
+    (speech power against speech power), the clip lengthened to wherever that talker stops."""
+    text, speaker = plan.interferer
+    other = speak(engine, text, plan.language, speaker)
+    start = int(rng.uniform(0.1, 0.6) * len(main))
+    below_db = float(rng.uniform(0.0, 6.0))
+    gain = audio.rms(main) / max(audio.rms(other), 1e-12) * 10.0 ** (-below_db / 20.0)
+    mix = np.zeros(max(len(main), start + len(other)), dtype=np.float32)
+    mix[: len(main)] += main
+    mix[start : start + len(other)] += gain * other
+    overlap = (min(len(main), start + len(other)) - start) / audio.SAMPLE_RATE
+    return mix, {"interferer_db_below": round(below_db, 2),
+                 "interferer_start_s": round(start / audio.SAMPLE_RATE, 3),
+                 "overlap_s": round(overlap, 3), "interferer": speaker.label}
+
+
+def _nonspeech(plan: UtterancePlan, engine: Espeak,
+               rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float | str]]:
+    """1-8 s with no speech to transcribe: babble, coloured noise, tones or near-silence."""
+    n = int(rng.uniform(1.0, 8.0) * SAMPLE_RATE)
+    kind = plan.nonspeech
+    acoustics: dict[str, float | str] = {"nonspeech": kind}
+    if kind == "babble":
+        talkers = [speak(engine, t, plan.language, s) for t, s in plan.babble]
+        wave = audio.babble(talkers, n, rng)
+        acoustics["talkers"] = len(talkers)
+    elif kind == "noise":
+        alpha = float(rng.choice([0.0, 1.0, 2.0]))
+        wave = audio.coloured_noise(n, alpha, rng)
+        acoustics["alpha"] = alpha
+    elif kind == "tones":
+        wave = audio.tones(n, rng)
+    elif kind == "silence":
+        wave = audio.coloured_noise(n, 1.0, rng)
+    else:
+        raise ValueError(f"unknown nonspeech kind {kind!r}; one of {NONSPEECH_KINDS}")
+    # Near-silence is a faint noise floor; the others sit at the speech sets' levels.
+    level = float(rng.uniform(-65.0, -50.0) if kind == "silence" else rng.uniform(-30.0, -18.0))
+    acoustics["rms_db"] = round(level, 2)
+    return audio.normalise_level(wave, level), acoustics
+
+
+def _long(plan: UtterancePlan, engine: Espeak,
+          rng: np.random.Generator) -> tuple[np.ndarray, str, dict[str, float | str]]:
+    """The plan's sentences by one speaker, 0.2-0.6 s of silence apart, added in order until
+    the clip lasts ``LONG_SECONDS[0]`` with at least two sentences; a sentence that would take
+    it past ``LONG_SECONDS[1]`` is passed over for the next one."""
+    pieces: list[np.ndarray] = []
+    spoken: list[str] = []
+    length = 0
+    low, high = (int(s * SAMPLE_RATE) for s in LONG_SECONDS)
+    for text in (plan.text, *plan.more_text):
+        if len(spoken) >= 2 and length >= low:
+            break
+        wave = speak(engine, text, plan.language, plan.speaker)
+        pause = np.zeros(int(rng.uniform(0.2, 0.6) * SAMPLE_RATE), dtype=np.float32)
+        extra = len(wave) + (len(pause) if pieces else 0)
+        if pieces and length + extra > high:
+            continue
+        if pieces:
+            pieces.append(pause)
+        pieces.append(wave)
+        spoken.append(text)
+        length += extra
+    return np.concatenate(pieces), " ".join(spoken), {"sentences": len(spoken)}
 
 
 def _render_chunk(job: tuple[str, list[UtterancePlan]]) -> list[dict]:
@@ -284,10 +413,10 @@ def _render_chunk(job: tuple[str, list[UtterancePlan]]) -> list[dict]:
     ctypes.CDLL(None).srand(int(np.random.default_rng(list(plans[0].seed)).integers(2**31)))
     rows = []
     for plan in plans:
-        wave, acoustics = render(plan, engine)
+        wave, acoustics, text = render(plan, engine)
         rel = Path("audio") / plan.set_name / f"{plan.id}.flac"
         sf.write(Path(out_dir) / rel, wave, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-        rows.append({"id": plan.id, "audio": rel.as_posix(), "text": plan.text,
+        rows.append({"id": plan.id, "audio": rel.as_posix(), "text": text,
                      "language": plan.language, "duration": round(len(wave) / SAMPLE_RATE, 4),
                      "domain": plan.condition, "speaker": plan.speaker.label,
                      **({"acoustics": acoustics} if acoustics else {})})
@@ -322,9 +451,9 @@ def synthesize_corpus(
     """Write the corpus under ``out_dir``; returns {set name: manifest path}.
 
     ``utts`` is the number of training utterances per language; dev and test get 10 % each,
-    ood_noisy and ood_farfield 10 %, adapt_train 25 %, adapt_dev 5 %, adapt_test 10 %
-    (at least one each) — of ``eval_utts`` instead when given. ``workers`` defaults to the
-    CPUs available.
+    ood_noisy and ood_farfield 10 %, adapt_train 25 %, adapt_dev 5 %, adapt_test 10 %,
+    ood_overlap 10 %, ood_nonspeech and ood_long 6 % (at least one each) — of ``eval_utts``
+    instead when given. ``workers`` defaults to the CPUs available.
     """
     langs = tuple(langs)
     unknown = [lang for lang in langs if lang not in LANGUAGES]

@@ -32,12 +32,26 @@ def test_plan_sizes_pools_and_unseen_text():
     plans = synth.plan_corpus(["en", "de"], utts=20, seed=3)
     sizes = synth.set_sizes(20)
     assert sizes == {"train": 20, "dev": 2, "test": 2, "ood_noisy": 2, "ood_farfield": 2,
-                     "adapt_train": 5, "adapt_dev": 1, "adapt_test": 2}
+                     "adapt_train": 5, "adapt_dev": 1, "adapt_test": 2, "ood_overlap": 2,
+                     "ood_nonspeech": 1, "ood_long": 1}
     assert len(plans) == 2 * sum(sizes.values())
     pool_of = {s.name: s.pool for s in synth.SETS}
     for p in plans:
         voices = synth.VOICE_POOLS[pool_of[p.set_name]]
-        assert p.speaker.variant in voices and all(s.variant in voices for _, s in p.babble)
+        assert p.speaker.variant in voices
+        # Babbling and interfering talkers: the noisy set's own pool; the probes' unseen voices
+        others = synth.VOICE_POOLS["ood"] if p.condition in ("overlap", "nonspeech") else voices
+        assert all(s.variant in others for _, s in p.babble)
+    for p in plans:
+        if p.condition == "overlap":
+            assert p.interferer[1].variant in synth.VOICE_POOLS["ood"]
+        if p.condition == "nonspeech":
+            assert p.text == "" and p.nonspeech in synth.NONSPEECH_KINDS
+            assert bool(p.babble) == (p.nonspeech == "babble")
+        if p.condition == "long":
+            assert len(p.more_text) == synth.LONG_MAX_SENTENCES - 1
+    spoken = [t for p in plans for t in (p.text, *p.more_text) if t]
+    assert len(spoken) == len(set(spoken))  # no sentence twice, the long clips' included
     train = {p.text for p in plans if p.set_name == "train"}
     assert not train & {p.text for p in plans if p.set_name != "train"}
     assert plans == synth.plan_corpus(["en", "de"], utts=20, seed=3)
@@ -48,9 +62,10 @@ def test_eval_utts_sizes_the_other_sets_apart_from_train():
     # 60 training utterances a language, the other sets as for 20: dev 10 % of 20 = 2, etc.
     assert synth.set_sizes(60, eval_utts=20) == {
         "train": 60, "dev": 2, "test": 2, "ood_noisy": 2, "ood_farfield": 2,
-        "adapt_train": 5, "adapt_dev": 1, "adapt_test": 2}
+        "adapt_train": 5, "adapt_dev": 1, "adapt_test": 2, "ood_overlap": 2,
+        "ood_nonspeech": 1, "ood_long": 1}
     plans = synth.plan_corpus(["en"], utts=60, seed=3, eval_utts=20)
-    assert len(plans) == 60 + 16
+    assert len(plans) == 60 + 20
     small = synth.plan_corpus(["en"], utts=20, seed=3)
     # train draws from its own stream: the first 20 sentences are those of the smaller corpus
     assert [p.text for p in plans if p.set_name == "train"][:20] == \
@@ -87,22 +102,31 @@ def test_small_corpus_is_complete_readable_and_deterministic(tmp_path):
     sizes = synth.set_sizes(2)
     assert set(manifests) == set(sizes)
     description = json.loads((tmp_path / "a" / "corpus.json").read_text())
+    train_rows = [json.loads(line) for line in manifests["train"].read_text().splitlines()]
     for name, path in manifests.items():
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         assert len(rows) == 5 * sizes[name] == description["sets"][name]["utterances"]
         assert {r["language"] for r in rows} == set(LANGUAGES)
-        utts, skips = read_manifest(path, training=True, max_duration=30.0)
+        utts, skips = read_manifest(path, training=name != "ood_nonspeech", max_duration=30.0)
         assert len(utts) == len(rows) and len(skips) == 0
         for r, u in zip(rows, utts, strict=True):
             wave, sr = sf.read(u.audio, dtype="float32")
             assert sr == 16000 and len(wave) / sr == pytest.approx(r["duration"], abs=1e-4)
-            assert 0.3 < r["duration"] < 15.0 and np.abs(wave).max() <= 0.99 + 1e-4
+            assert 0.3 < r["duration"] < 21.0 and np.abs(wave).max() <= 0.99 + 1e-4
             if name.startswith("adapt"):  # telephone band: nothing left above 4 kHz
                 spec = np.abs(np.fft.rfft(wave)) ** 2
                 freqs = np.fft.rfftfreq(len(wave), 1 / sr)
                 assert spec[freqs > 4100].sum() < 1e-4 * spec.sum()
             if name == "ood_noisy":
                 assert 0.0 <= r["acoustics"]["snr_db"] <= 10.0
+            if name == "ood_overlap":
+                a = r["acoustics"]
+                assert 0.0 <= a["interferer_db_below"] <= 6.0 and a["overlap_s"] > 0
+            if name == "ood_nonspeech":
+                assert r["text"] == "" and 1.0 <= r["duration"] <= 8.0
+            if name == "ood_long":  # 2+ sentences, 12-20 s: longer than every training clip
+                assert 12.0 <= r["duration"] <= 20.0 and r["acoustics"]["sentences"] >= 2
+                assert r["duration"] > max(t["duration"] for t in train_rows)
     # Same seed, one worker instead of two: the very same bytes, audio and manifests.
     synth.synthesize_corpus(tmp_path / "b", utts=2, seed=0, workers=1, progress=False)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
