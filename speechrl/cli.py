@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic default")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a much smaller corpus, for a first look")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="every stage's train.precision and the evaluation's (default: auto, "
+                        "bf16 only on a GPU or a CPU that computes bf16 natively)")
     return parser
 
 
@@ -135,7 +138,7 @@ def run_command(args: argparse.Namespace) -> int:
     if command == "demo":
         from speechrl.demo import run_demo
 
-        report = run_demo(args.out, quick=args.quick)
+        report = run_demo(args.out, quick=args.quick, precision=args.precision)
         print(f"demo done: report at {report}")
         return 0
     raise AssertionError(command)

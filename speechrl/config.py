@@ -112,7 +112,9 @@ class TrainConfig:
     init: str | None = None  # speechrl checkpoint to start from (GRPO: the SFT model)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    # auto: bf16 autocast on a GPU, and on a CPU only where it computes bf16 natively (AVX512-BF16,
+    # AMX, Arm BF16), fp32 otherwise | fp32 | bf16 (speechrl.runtime)
+    precision: str = "auto"
     lr: float = 1e-4
     schedule: str = "cosine"  # constant | cosine (both with linear warm-up)
     warmup_steps: int = 100
@@ -147,6 +149,11 @@ class TrainConfig:
     # Under torchrun: "ddp" (every rank holds the model) or "fsdp2" (parameters, gradients and
     # optimizer state sharded with fully_shard, for models that do not fit one device).
     parallel: str = "ddp"
+
+    def __post_init__(self) -> None:
+        from speechrl.runtime import check_precision
+
+        check_precision(self.precision)
 
 
 @dataclass(frozen=True)

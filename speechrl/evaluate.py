@@ -23,9 +23,9 @@ from speechrl.report import Hypothesis, ReportPaths, Section, write_report
 
 
 def decode_manifest(model, manifest: str | Path, *, options, device, data_cfg=None,
-                    desc: str = "", skips=None, precision: str = "fp32") -> list[Hypothesis]:
+                    desc: str = "", skips=None, precision="fp32") -> list[Hypothesis]:
     """Decode every readable utterance of a manifest (sorted by length, batched by duration),
-    in ``precision`` (``fp32``, ``bf16`` autocast, or ``auto``: bf16 on GPU).
+    in ``precision`` (``fp32``, ``bf16`` autocast, or ``auto``: see :mod:`speechrl.runtime`).
 
     Rows that cannot be read are skipped and counted by the loader, never fatal; ``skips`` (a
     :class:`~speechrl.data.SkipCounter`), when given, receives them from all ranks. Under
@@ -38,7 +38,8 @@ def decode_manifest(model, manifest: str | Path, *, options, device, data_cfg=No
     from speechrl.config import DataConfig
     from speechrl.data import make_dataloader
     from speechrl.generate import generate
-    from speechrl.train.common import autocast, gather_skips
+    from speechrl.runtime import autocast
+    from speechrl.train.common import gather_skips
 
     data_cfg = data_cfg or DataConfig()
     loader = make_dataloader([str(manifest)], data_cfg, features=model.encoder.input_kind,
@@ -86,34 +87,57 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
                          curve_keys: Sequence[str] | None = None,
                          title: str = "speechrl evaluation",
                          trust_remote_code: bool = False,
-                         precision: str = "fp32") -> ReportPaths:
+                         precision: str = "fp32",
+                         checkpoint_sets: Mapping[str, Sequence[str]] | None = None
+                         ) -> ReportPaths:
     """Decode each set with each checkpoint and write the report; the first checkpoint is the
-    baseline of the relative WER changes. The rows of each set left out go to ``skips.json``
-    (``{set: {reason: count}}``) beside the report. Under torchrun the ranks share the decoding
-    and rank 0 writes the report; every rank returns its paths. ``trust_remote_code`` lets the
-    checkpoints' Hugging Face parts run their own code (never switched on by a checkpoint).
-    ``precision``: ``fp32`` (the default), ``bf16`` autocast, or ``auto`` (bf16 on GPU)."""
+    baseline of the changes (with their intervals). The rows of each set left out go to
+    ``skips.json`` (``{set: {reason: count}}``) beside the report. Under torchrun the ranks
+    share the decoding and rank 0 writes the report; every rank returns its paths.
+    ``trust_remote_code`` lets the checkpoints' Hugging Face parts run their own code (never
+    switched on by a checkpoint). ``checkpoint_sets`` limits a checkpoint to some of the sets
+    (by name; a checkpoint not named decodes them all).
+    ``precision``: ``fp32`` (the default), ``bf16`` autocast, or ``auto`` (bf16 on a GPU or on
+    a CPU that computes it natively; :mod:`speechrl.runtime`)."""
     from speechrl.checkpoint import load_model
     from speechrl.data import SkipCounter
-    from speechrl.train.common import say
+    from speechrl.runtime import announce_precision, say
 
     dev = distributed.setup(device).device
+    precision = announce_precision("eval", precision, dev)
     options = decoding_options(beam, max_new_tokens)
+    unknown = {s for wanted in (checkpoint_sets or {}).values() for s in wanted} - set(sets)
+    if unknown:
+        raise ValueError(f"checkpoint_sets names sets {sorted(unknown)} that are not among "
+                         f"{sorted(sets)}")
     results: dict[str, dict[str, list[Hypothesis]]] = {}
     skips = {set_name: SkipCounter() for set_name in sets}  # the same rows for every checkpoint
     for name, path in checkpoints.items():
         model = load_model(path, device=dev, trust_remote_code=trust_remote_code)
-        results[name] = {set_name: decode_manifest(model, manifest, options=options, device=dev,
-                                                   desc=f"{name} / {set_name}",
-                                                   skips=skips[set_name], precision=precision)
-                         for set_name, manifest in sets.items()}
+        wanted = (checkpoint_sets or {}).get(name, list(sets))
+        results[name] = {}
+        for set_name, manifest in sets.items():
+            if set_name not in wanted:
+                continue
+            results[name][set_name] = decode_manifest(
+                model, manifest, options=options, device=dev, desc=f"{name} / {set_name}",
+                skips=skips[set_name], precision=precision)
         del model
     paths = None
     if distributed.is_main():
+        counts = {set_name: counter.counts for set_name, counter in skips.items()}
+        provenance = {
+            "checkpoints": {name: str(Path(path).resolve()) for name, path in checkpoints.items()},
+            "sets": {name: str(Path(path).resolve()) for name, path in sets.items()},
+            "decoding": {"strategy": f"beam {beam}" if beam > 1 else "greedy",
+                         "precision": precision.name, "normaliser": normalizer,
+                         "max_new_tokens": max_new_tokens,
+                         "tokens_per_second": options.tokens_per_second},
+            "skipped": counts,
+        }
         paths = write_report(out_dir, results, normalizer=normalizer, title=title,
                              training_metrics=training_metrics, sections=sections,
-                             curve_keys=curve_keys)
-        counts = {set_name: counter.counts for set_name, counter in skips.items()}
+                             curve_keys=curve_keys, provenance=provenance)
         (Path(out_dir) / "skips.json").write_text(json.dumps(counts, indent=2) + "\n")
         for set_name, counter in skips.items():
             say(f"eval, {set_name}: {counter.summary()}")
@@ -139,7 +163,8 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
-                        help="bf16 autocast, or auto (bf16 on GPU); fp32 by default")
+                        help="bf16 autocast, or auto (bf16 on a GPU or on a CPU that computes "
+                             "bf16 natively); fp32 by default")
     add_trust_remote_code_argument(parser)
     parser.add_argument("--metrics", action="append", default=[],
                         help="NAME=metrics.jsonl of a training run, plotted as curves")

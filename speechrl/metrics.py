@@ -160,6 +160,9 @@ def hallucination_stats(
     - ``empty_share``: share of empty hypotheses;
     - ``length_ratio``: mean over utterances with a non-empty reference of hyp words / ref words
       (NaN when every reference is empty);
+    - ``output_share``: share of utterances with any hypothesis word (on clips with an empty
+      reference, the share that hallucinate);
+    - ``words_per_clip``: mean hypothesis words per utterance;
     - ``utterances``: how many utterances the figures are over.
 
     ``counts`` (per utterance, from :func:`error_counts`) avoids aligning the set a second time.
@@ -183,5 +186,94 @@ def hallucination_stats(
         "loop_share": sum(has_loop(h) for h in hyp_words) / n,
         "empty_share": sum(not h for h in hyp_words) / n,
         "length_ratio": sum(ratios) / len(ratios) if ratios else math.nan,
+        "output_share": sum(bool(h) for h in hyp_words) / n,
+        "words_per_clip": sum(len(h) for h in hyp_words) / n,
         "utterances": float(n),
     }
+
+
+# --------------------------------------------------------------------------- significance
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A change between two systems on the same utterances, with its paired bootstrap interval.
+
+    ``delta`` is the change on the whole set (system B minus system A); ``low`` and ``high``
+    bound the central ``level`` share of the resampled changes. The change is significant when
+    the interval leaves out 0.
+    """
+
+    delta: float
+    low: float
+    high: float
+    level: float = 0.95
+
+    @property
+    def significant(self) -> bool:
+        return self.low > 0.0 or self.high < 0.0
+
+    def scaled(self, factor: float) -> Interval:
+        return Interval(self.delta * factor, self.low * factor, self.high * factor, self.level)
+
+    def to_dict(self) -> dict[str, float | bool | None]:
+        """JSON-ready; an undefined change (NaN) becomes None."""
+        def plain(x: float) -> float | None:
+            return None if math.isnan(x) else x
+
+        return {"delta": plain(self.delta), "low": plain(self.low), "high": plain(self.high),
+                "level": self.level, "significant": self.significant}
+
+
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+def paired_bootstrap(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]],
+                     den: Sequence[Sequence[float]], *, resamples: int = BOOTSTRAP_RESAMPLES,
+                     seed: int = BOOTSTRAP_SEED, level: float = 0.95) -> list[Interval]:
+    """Paired bootstrap intervals for changes in pooled ratios, one per column.
+
+    ``a``, ``b``: per-utterance numerators (n, k) of systems A and B on the same n utterances;
+    ``den``: their shared denominators (n, k), which depend on the references only (reference
+    words for WER and its parts, 1 for a share of utterances). Column j's statistic is
+    sum(num[:, j]) / sum(den[:, j]) and its change is that of B minus that of A, e.g. for WER
+    (S + D + I summed) / (reference words summed).
+
+    Each of ``resamples`` draws n utterances with replacement (the same draw for A and B, which
+    is what makes it paired) and computes the change on the draw; the interval is the central
+    ``level`` share of those changes (percentiles). A draw whose denominator sums to 0 is left
+    out. Identical systems give [0, 0]; a fixed ``seed`` gives the same interval every time.
+    """
+    import numpy as np
+
+    a, b, den = (np.asarray(x, dtype=np.float64) for x in (a, b, den))
+    if a.ndim == 1:
+        a, b, den = a[:, None], b[:, None], den[:, None]
+    if not (a.shape == b.shape == den.shape) or a.ndim != 2:
+        raise ValueError(f"a {a.shape}, b {b.shape} and den {den.shape} must all be (n, k)")
+    n, k = a.shape
+    if n == 0:
+        raise ValueError("paired_bootstrap needs at least one utterance")
+    if not 0.0 < level < 1.0 or resamples < 1:
+        raise ValueError(f"level must lie in (0, 1) and resamples be >= 1, got {level}, "
+                         f"{resamples}")
+    diff = b - a  # (n, k)
+    total = den.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        delta = np.where(total > 0, diff.sum(0) / np.where(total > 0, total, 1.0), np.nan)
+    rng = np.random.default_rng(seed)
+    # How often each utterance is drawn, per resample: (R, n), rows summing to n.
+    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+    num_r, den_r = weights @ diff, weights @ den  # (R, k)
+    intervals = []
+    tail = 100.0 * (1.0 - level) / 2.0
+    for j in range(k):
+        ok = den_r[:, j] > 0
+        if not ok.any() or math.isnan(delta[j]):
+            intervals.append(Interval(math.nan, math.nan, math.nan, level))
+            continue
+        changes = num_r[ok, j] / den_r[ok, j]
+        low, high = np.percentile(changes, [tail, 100.0 - tail])
+        intervals.append(Interval(float(delta[j]), float(low), float(high), level))
+    return intervals

@@ -9,8 +9,14 @@ The paper's claims are about error types: GRPO cuts insertions (hallucinations) 
 Every WER here is pooled over utterances (total errors / total reference words), as the paper's
 "Overall" columns are, and Ins / Del / Sub are percentages of reference words, so
 Ins + Del + Sub = WER. Relative change of a checkpoint against the first one is
-100 * (WER - WER_first) / WER_first: negative is better. The figures are drawn by
-``speechrl.plots``; decoding a checkpoint into records is ``speechrl.evaluate``.
+100 * (WER - WER_first) / WER_first: negative is better. Every change against the first
+checkpoint also carries a paired bootstrap 95 % interval over utterances
+(:func:`speechrl.metrics.paired_bootstrap`), in points, and is called significant when the
+interval leaves out 0. A set without reference words (the non-speech probe) has no WER: its
+figures are the share of clips with any output and the words written per clip.
+
+The figures are drawn by ``speechrl.plots``, the Markdown by ``speechrl.report_markdown``;
+decoding a checkpoint into records is ``speechrl.evaluate``.
 """
 
 from __future__ import annotations
@@ -25,8 +31,16 @@ from operator import add
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from speechrl.config import from_dict
-from speechrl.metrics import ErrorCounts, error_counts, hallucination_stats
+from speechrl.metrics import (
+    ErrorCounts,
+    error_counts,
+    hallucination_stats,
+    has_loop,
+    paired_bootstrap,
+)
 from speechrl.plots import (
     plot_error_breakdown,
     plot_training_curves,
@@ -35,18 +49,22 @@ from speechrl.plots import (
 )
 from speechrl.text import get_normalizer
 
-# Hallucination figures as shown in the report: key of metrics.hallucination_stats, column label,
-# scale (fractions are shown as percentages, the length ratio as is).
-HALLUCINATION_COLUMNS: tuple[tuple[str, str, float], ...] = (
-    ("insertion_rate", "Ins. rate %", 100.0),
-    ("over_twice_share", "Hyp > 2x ref words %", 100.0),
-    ("loop_share", "Repeated n-gram loops %", 100.0),
-    ("empty_share", "Empty outputs %", 100.0),
-    ("length_ratio", "Hyp/ref length", 1.0),
-)
-_NA = "–"
+# The figures whose change against the baseline gets an interval: key -> (label, scale). Each is
+# a pooled ratio of per-utterance numbers (see _utterance_columns); scale 100 shows a percentage.
+CHANGE_FIGURES: dict[str, tuple[str, float]] = {
+    "wer_pct": ("WER", 100.0),
+    "ins_pct": ("Ins", 100.0),
+    "del_pct": ("Del", 100.0),
+    "sub_pct": ("Sub", 100.0),
+    "loop_pct": ("Loops", 100.0),
+    "length_ratio": ("Hyp/ref length", 1.0),
+    "output_pct": ("Clips with output", 100.0),
+    "words_per_clip": ("Words per clip", 1.0),
+}
+# Those defined only where the references have words.
+_NEEDS_REFERENCE_WORDS = ("wer_pct", "ins_pct", "del_pct", "sub_pct", "length_ratio")
 # What each name of speechrl.text.get_normalizer does, for the report's reader.
-_NORMALIZER_NOTES = {
+NORMALIZER_NOTES = {
     "whisper": "Whisper's English normaliser for English, its basic normaliser otherwise",
     "basic": "Whisper's basic normaliser for every language",
     "lower": "lower-case, punctuation removed",
@@ -97,6 +115,14 @@ class SetScores:
     def languages(self) -> tuple[str, ...]:
         return tuple(sorted(self.by_language))
 
+    @property
+    def has_references(self) -> bool:
+        """Whether the references hold any word (the non-speech probe's do not: no WER)."""
+        return self.total.ref_words > 0
+
+
+SECTION_KINDS = ("wer", "breakdown", "hallucination")
+
 
 @dataclass(frozen=True)
 class Section:
@@ -104,6 +130,9 @@ class Section:
 
     kind "wer": WER per language of each set, plus an Overall column (tables II and IV).
     kind "breakdown": Ins / Del / Sub and WER of each set (table III).
+    kind "hallucination": per set Ins / Del / Sub, WER, loops and hyp/ref length; for a set
+    without reference words the share of clips with any output, words per clip and loops.
+    Every row after the first also gets its changes against the first row, with intervals.
     """
 
     title: str
@@ -115,9 +144,9 @@ class Section:
     checkpoints: tuple[str, ...] | None = None  # rows, in this order; None: all of them
 
     def __post_init__(self) -> None:
-        if self.kind not in ("wer", "breakdown"):
-            raise ValueError(f"section {self.title!r}: kind must be 'wer' or 'breakdown', "
-                             f"got {self.kind!r}")
+        if self.kind not in SECTION_KINDS:
+            raise ValueError(f"section {self.title!r}: kind must be one of "
+                             f"{', '.join(repr(k) for k in SECTION_KINDS)}, got {self.kind!r}")
         if not self.sets:
             raise ValueError(f"section {self.title!r}: no sets given")
         for name in ("sets", "languages", "checkpoints"):
@@ -239,6 +268,72 @@ def relative_change(value: float | None, reference: float | None) -> float | Non
     return 100.0 * (value - reference) / reference
 
 
+# --------------------------------------------------------------------------- changes
+
+
+def _utterance_columns(s: SetScores) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per utterance, the numerator and denominator of every figure of CHANGE_FIGURES, in
+    the set's utterance order: pooled, sum(num) / sum(den) is the figure."""
+    counts = [u.counts for u in s.utterances]
+    ref_words = np.array([c.ref_words for c in counts], dtype=np.float64)
+    hyp_words = np.array([len(u.hyp_norm.split()) for u in s.utterances], dtype=np.float64)
+    ones = np.ones(len(counts))
+    with_ref = (ref_words > 0).astype(np.float64)
+    return {
+        "wer_pct": (np.array([c.errors for c in counts], dtype=np.float64), ref_words),
+        "ins_pct": (np.array([c.insertions for c in counts], dtype=np.float64), ref_words),
+        "del_pct": (np.array([c.deletions for c in counts], dtype=np.float64), ref_words),
+        "sub_pct": (np.array([c.substitutions for c in counts], dtype=np.float64), ref_words),
+        "loop_pct": (np.array([has_loop(u.hyp_norm.split()) for u in s.utterances],
+                              dtype=np.float64), ones),
+        "length_ratio": (np.divide(hyp_words, ref_words, out=np.zeros_like(hyp_words),
+                                   where=ref_words > 0), with_ref),
+        "output_pct": ((hyp_words > 0).astype(np.float64), ones),
+        "words_per_clip": (hyp_words, ones),
+    }
+
+
+class Changes:
+    """Changes of each checkpoint against a baseline on the same utterances, with their paired
+    bootstrap intervals; computed once per (baseline, checkpoint, set, languages)."""
+
+    def __init__(self, scores: dict[str, dict[str, SetScores]]) -> None:
+        self.scores = scores
+        self._cache: dict[tuple, dict[str, dict[str, Any]] | None] = {}
+
+    def get(self, base: str, ckpt: str, set_name: str,
+            languages: Sequence[str] | None = None) -> dict[str, dict[str, Any]] | None:
+        """{figure: {"delta", "low", "high", "level", "significant"}} of ``ckpt`` minus
+        ``base`` on ``set_name`` (pooled over ``languages``; None: the whole set), in the
+        figures' units (points for percentages); None when either lacks the set or the
+        languages hold no utterance. Figures undefined on the utterances are left out."""
+        key = (base, ckpt, set_name, None if languages is None else tuple(sorted(languages)))
+        if key not in self._cache:
+            self._cache[key] = self._compute(base, ckpt, set_name, key[3])
+        return self._cache[key]
+
+    def _compute(self, base: str, ckpt: str, set_name: str,
+                 languages: tuple[str, ...] | None) -> dict[str, dict[str, Any]] | None:
+        a, b = self.scores[base].get(set_name), self.scores[ckpt].get(set_name)
+        if a is None or b is None or base == ckpt:
+            return None
+        keep = [i for i, u in enumerate(a.utterances)
+                if languages is None or u.hypothesis.language in languages]
+        if not keep:
+            return None
+        position = {u.hypothesis.id: i for i, u in enumerate(b.utterances)}
+        paired = [position[a.utterances[i].hypothesis.id] for i in keep]
+        cols_a, cols_b = _utterance_columns(a), _utterance_columns(b)
+        has_words = cols_a["wer_pct"][1][keep].sum() > 0
+        names = [k for k in CHANGE_FIGURES if has_words or k not in _NEEDS_REFERENCE_WORDS]
+        intervals = paired_bootstrap(
+            np.stack([cols_a[k][0][keep] for k in names], axis=1),
+            np.stack([cols_b[k][0][paired] for k in names], axis=1),
+            np.stack([cols_a[k][1][keep] for k in names], axis=1))
+        return {k: interval.scaled(CHANGE_FIGURES[k][1]).to_dict()
+                for k, interval in zip(names, intervals, strict=True)}
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -248,14 +343,19 @@ def write_report(out_dir: str | Path,
                  title: str = "speechrl evaluation",
                  training_metrics: Mapping[str, str | Path] | None = None,
                  sections: Sequence[Section | Mapping[str, Any]] | None = None,
-                 curve_keys: Sequence[str] | None = None) -> ReportPaths:
+                 curve_keys: Sequence[str] | None = None,
+                 provenance: Mapping[str, Any] | None = None) -> ReportPaths:
     """Score ``results[checkpoint][set]`` and write the report into ``out_dir``.
 
-    Writes ``report.md``, ``report.json`` (every number), ``hyps/<checkpoint>.<set>.jsonl``,
-    ``wer_breakdown.png`` and, for each run in ``training_metrics`` (name -> metrics JSONL),
-    ``curves_<run>.png`` with ``curve_keys`` (default: the numeric keys found). The first
-    checkpoint is the reference of every relative WER change.
+    Writes ``report.md``, ``report.json`` (every number, the intervals included),
+    ``hyps/<checkpoint>.<set>.jsonl``, ``wer_breakdown.png`` and, for each run in
+    ``training_metrics`` (name -> metrics JSONL), ``curves_<run>.png`` with ``curve_keys``
+    (default: the numeric keys found). The first checkpoint is the baseline of every change.
+    ``provenance`` (JSON-ready: checkpoint paths, manifests, decoding settings, skipped rows)
+    is written as it is, and shown at the top of the Markdown.
     """
+    from speechrl.report_markdown import render_markdown
+
     out = Path(out_dir)
     wanted = [s if isinstance(s, Section) else from_dict(Section, dict(s))
               for s in (sections or [])]
@@ -265,12 +365,14 @@ def write_report(out_dir: str | Path,
     (out / "hyps").mkdir(parents=True, exist_ok=True)
     hyp_files = _write_hypotheses(out / "hyps", scores)
     plots = _write_plots(out, scores, title, runs, curve_keys)
-    summary = _summary(scores, title, normalizer, hyp_files, out)
-    summary["sections"] = [_section_table(s, scores) for s in wanted]
+    changes = Changes(scores)
+    summary = _summary(scores, changes, title, normalizer, hyp_files, out)
+    summary["provenance"] = dict(provenance or {})
+    summary["sections"] = [_section_table(s, scores, changes) for s in wanted]
     summary["plots"] = [{"file": p.name, "caption": c} for p, c in plots.items()]
     (out / "report.json").write_text(
         json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-    (out / "report.md").write_text(_markdown(summary))
+    (out / "report.md").write_text(render_markdown(summary))
     return ReportPaths(out / "report.md", out / "report.json",
                        tuple(hyp_files.values()), tuple(plots))
 
@@ -323,24 +425,29 @@ def _set_languages(scores: dict[str, dict[str, SetScores]], set_name: str) -> li
                    for lang in sets[set_name].by_language})
 
 
-def _counts_entry(counts: ErrorCounts, reference: ErrorCounts | None) -> dict[str, Any]:
+def _counts_entry(counts: ErrorCounts, reference: ErrorCounts | None,
+                  change: dict[str, Any] | None = None) -> dict[str, Any]:
     rates = error_rates(counts)
     ref_wer = error_rates(reference)["wer_pct"] if reference is not None else None
     return {**counts.to_dict(), **rates,
-            "rel_wer_change_pct": relative_change(rates["wer_pct"], ref_wer)}
+            "rel_wer_change_pct": relative_change(rates["wer_pct"], ref_wer),
+            "change": change}
 
 
-def _language_entries(s: SetScores, base: SetScores | None) -> dict[str, dict[str, Any]]:
+def _language_entries(s: SetScores, base: SetScores | None, changes: Changes, base_name: str,
+                      ckpt: str, set_name: str) -> dict[str, dict[str, Any]]:
     entries = {}
     for lang, counts in s.by_language.items():
         n_utts = sum(u.hypothesis.language == lang for u in s.utterances)
         reference = base.by_language.get(lang) if base is not None else None
-        entries[lang] = {"utterances": n_utts, **_counts_entry(counts, reference)}
+        change = changes.get(base_name, ckpt, set_name, (lang,)) if base is not None else None
+        entries[lang] = {"utterances": n_utts, **_counts_entry(counts, reference, change)}
     return entries
 
 
-def _summary(scores: dict[str, dict[str, SetScores]], title: str, normalizer: str,
-             hyp_files: dict[tuple[str, str], Path], out: Path) -> dict[str, Any]:
+def _summary(scores: dict[str, dict[str, SetScores]], changes: Changes, title: str,
+             normalizer: str, hyp_files: dict[tuple[str, str], Path],
+             out: Path) -> dict[str, Any]:
     ckpts = list(scores)
     first = scores[ckpts[0]]
     results: dict[str, Any] = {}
@@ -348,16 +455,18 @@ def _summary(scores: dict[str, dict[str, SetScores]], title: str, normalizer: st
         results[ckpt] = {}
         for set_name, s in sets.items():
             base = first.get(set_name) if ckpt != ckpts[0] else None
+            change = changes.get(ckpts[0], ckpt, set_name) if base is not None else None
             results[ckpt][set_name] = {
                 "utterances": len(s.utterances),
+                "has_references": s.has_references,
                 "hypotheses": hyp_files[ckpt, set_name].relative_to(out).as_posix(),
-                "overall": _counts_entry(s.total, base.total if base else None),
-                "languages": _language_entries(s, base),
+                "overall": _counts_entry(s.total, base.total if base else None, change),
+                "languages": _language_entries(s, base, changes, ckpts[0], ckpt, set_name),
                 "hallucination": s.hallucination,
                 "hallucination_by_language": s.hallucination_by_language,
             }
     return {"title": title, "normalizer": normalizer,
-            "normalizer_description": _NORMALIZER_NOTES.get(normalizer),
+            "normalizer_description": NORMALIZER_NOTES.get(normalizer),
             "reference_checkpoint": ckpts[0],
             "checkpoints": ckpts, "sets": _set_names(scores), "results": results}
 
@@ -391,10 +500,10 @@ def _section_counts(scores: dict[str, dict[str, SetScores]], ckpt: str, set_name
 
 def _section_columns(section: Section,
                      scores: dict[str, dict[str, SetScores]]) -> list[tuple[str, str, Any]]:
-    """(set, column label, languages to pool or None for the whole set) per WER column."""
+    """(set, column label, languages to pool or None for the whole set) per column."""
     columns: list[tuple[str, str, Any]] = []
     for set_name in section.sets:
-        if section.kind == "breakdown":
+        if section.kind in ("breakdown", "hallucination"):
             columns.append((set_name, set_name, section.languages))
             continue
         for lang in section.languages or _set_languages(scores, set_name):
@@ -404,8 +513,10 @@ def _section_columns(section: Section,
     return columns
 
 
-def _section_table(section: Section, scores: dict[str, dict[str, SetScores]]) -> dict[str, Any]:
-    """A section as header + rows of cells, each cell the numbers behind it (for JSON and MD)."""
+def _section_table(section: Section, scores: dict[str, dict[str, SetScores]],
+                   changes: Changes) -> dict[str, Any]:
+    """A section as header + rows of cells, each cell the numbers behind it (for JSON and MD);
+    a cell of a row after the first holds its ``change`` against the first row."""
     ckpts = list(section.checkpoints or scores)
     columns = _section_columns(section, scores)
     rows = []
@@ -413,110 +524,27 @@ def _section_table(section: Section, scores: dict[str, dict[str, SetScores]]) ->
         cells = []
         for set_name, label, langs in columns:
             counts = _section_counts(scores, ckpt, set_name, langs)
-            base = _section_counts(scores, ckpts[0], set_name, langs) if ckpt != ckpts[0] else None
-            cells.append({"column": label,
-                          **(_counts_entry(counts, base) if counts is not None else {})})
+            is_base = ckpt == ckpts[0]
+            base = None if is_base else _section_counts(scores, ckpts[0], set_name, langs)
+            change = None if is_base else changes.get(ckpts[0], ckpt, set_name, langs)
+            cell = {"column": label, "set": set_name}
+            if counts is not None:
+                cell.update(_counts_entry(counts, base, change))
+                cell["hallucination"] = _pooled_hallucination(scores[ckpt][set_name], langs)
+                cell["has_references"] = counts.ref_words > 0
+            cells.append(cell)
         rows.append({"checkpoint": ckpt, "cells": cells})
-    return {**asdict(section), "columns": [label for _, label, _ in columns], "rows": rows}
+    return {**asdict(section), "columns": [label for _, label, _ in columns],
+            "baseline": ckpts[0], "rows": rows}
 
 
-def _section_markdown(table: dict[str, Any]) -> str:
-    breakdown = table["kind"] == "breakdown"
-    header = ["Model"]
-    for label in table["columns"]:
-        header += [f"{label} Ins / Del / Sub", f"{label} WER"] if breakdown else [label]
-    rows = []
-    for row in table["rows"]:
-        cells = [_escape(row["checkpoint"])]
-        for cell in row["cells"]:
-            wer = _fmt(cell.get("wer_pct"))
-            if table["relative"] and cell.get("rel_wer_change_pct") is not None:
-                wer += f" ({_fmt_rel(cell['rel_wer_change_pct'])})"
-            if breakdown:
-                parts = " / ".join(_fmt(cell.get(k), 1) for k in ("ins_pct", "del_pct", "sub_pct"))
-                cells += [parts, wer]
-            else:
-                cells.append(wer)
-        rows.append(cells)
-    return f"### {table['title']}\n\n{_md_table(header, rows)}"
-
-
-# --------------------------------------------------------------------------- markdown
-
-
-def _escape(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return _NA
-    return f"{value:.{digits}f}"
-
-
-def _fmt_rel(value: float | None) -> str:
-    if value is None:
-        return _NA
-    # A true minus sign reads better than a hyphen in tables.
-    return f"{value:+.1f}%".replace("-", "−")
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _set_markdown(set_name: str, summary: dict[str, Any], first: str) -> str:
-    header = ["Checkpoint", "Language", "Utts", "Ref words", "WER %", "Ins %", "Del %", "Sub %",
-              f"Rel. WER change vs {_escape(first)}"]
-    rows = []
-    per_ckpt = {c: r[set_name] for c, r in summary["results"].items() if set_name in r}
-    langs = sorted({lang for r in per_ckpt.values() for lang in r["languages"]})
-    # A single-language set is its own overall: no repeated rows.
-    for lang in [*langs, None] if len(langs) > 1 else langs:
-        for ckpt, r in per_ckpt.items():
-            e = r["overall"] if lang is None else r["languages"].get(lang)
-            if e is None:
-                continue
-            n_utts = r["utterances"] if lang is None else e["utterances"]
-            rel = _NA if ckpt == first else _fmt_rel(e["rel_wer_change_pct"])
-            rows.append([_escape(ckpt), lang or "**overall**", str(n_utts), str(e["ref_words"]),
-                         _fmt(e["wer_pct"]), _fmt(e["ins_pct"]), _fmt(e["del_pct"]),
-                         _fmt(e["sub_pct"]), rel])
-    hall_header = ["Checkpoint"] + [label for _, label, _ in HALLUCINATION_COLUMNS]
-    hall_rows = [[_escape(ckpt)] + [_fmt(_scaled(r["hallucination"].get(k), scale))
-                                    for k, _, scale in HALLUCINATION_COLUMNS]
-                 for ckpt, r in per_ckpt.items()]
-    return (f"## Set `{set_name}`\n\n{_md_table(header, rows)}\n"
-            f"Hallucination figures (all languages of the set):\n\n"
-            f"{_md_table(hall_header, hall_rows)}")
-
-
-def _scaled(value: float | None, scale: float) -> float | None:
-    return None if value is None else value * scale
-
-
-def _markdown(summary: dict[str, Any]) -> str:
-    first = summary["reference_checkpoint"]
-    note = f" ({summary['normalizer_description']})" if summary["normalizer_description"] else ""
-    parts = [
-        f"# {summary['title']}\n",
-        f"Text normaliser: `{summary['normalizer']}`{note}, applied per language to references and "
-        f"hypotheses before alignment. WER, Ins, Del and Sub are percentages of reference words, "
-        f"pooled over utterances (Ins + Del + Sub = WER). Relative WER change = "
-        f"(WER - WER of `{first}`) / WER of `{first}`; negative is better.\n",
-    ]
-    if summary["sections"]:
-        parts.append("## Summary tables\n")
-        parts += [_section_markdown(t) for t in summary["sections"]]
-    parts += [_set_markdown(name, summary, first) for name in summary["sets"]]
-    parts.append("## Plots\n")
-    parts += [f"{p['caption']}:\n\n![{p['caption']}]({p['file']})\n" for p in summary["plots"]]
-    files = [r["hypotheses"] for sets in summary["results"].values() for r in sets.values()]
-    parts.append("Hypotheses with their normalised forms and counts: "
-                 + ", ".join(f"[{f}]({f})" for f in files) + ".\n")
-    return "\n".join(parts)
+def _pooled_hallucination(s: SetScores, languages: Sequence[str] | None) -> dict[str, Any]:
+    """Hallucination figures of a set's utterances in ``languages`` (None: all of them)."""
+    if languages is None:
+        return s.hallucination
+    chosen = [u for u in s.utterances if u.hypothesis.language in languages]
+    return _hallucination([u.ref_norm for u in chosen], [u.hyp_norm for u in chosen],
+                          [u.counts for u in chosen])
 
 
 # --------------------------------------------------------------------------- figures

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from speechrl.demo import EVAL_SETS, DemoScale, run_demo, warmup
+from speechrl.demo import ADAPT_SETS, EVAL_SETS, DemoScale, run_demo, warmup
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
 
@@ -48,20 +48,35 @@ def test_demo_runs_every_stage_and_a_restart_only_rewrites_the_report(tmp_path, 
     assert stage_config("adapt_sft")["train"]["warmup_steps"] == 1
     assert stage_config("adapt_grpo")["train"]["warmup_steps"] == 0  # the GRPO preset's
 
-    # Every checkpoint decoded every row of every evaluation set.
+    # SFT and GRPO decoded every row of every evaluation set, the probes included; the
+    # adaptation runs the two sets of table IV.
     rows = {s: len((data / f"{s}.jsonl").read_text().splitlines()) for s in EVAL_SETS}
-    results = json.loads((out / "report.json").read_text())["results"]
+    summary = json.loads((out / "report.json").read_text())
+    results = summary["results"]
     for name in CHECKPOINTS:
-        for set_name in EVAL_SETS:
+        wanted = EVAL_SETS if name in ("sft", "grpo") else ADAPT_SETS
+        assert sorted(results[name]) == sorted(wanted), name
+        for set_name in wanted:
             assert results[name][set_name]["utterances"] == rows[set_name], (name, set_name)
+    assert not results["sft"]["ood_nonspeech"]["has_references"]
+    # Every change against SFT carries its interval, and the report says what it evaluated.
+    change = results["grpo"]["test"]["overall"]["change"]["wer_pct"]
+    assert change["low"] <= change["delta"] <= change["high"]
+    assert summary["provenance"]["decoding"]["precision"] in ("fp32", "bf16")
+    assert summary["provenance"]["sets"]["ood_long"] == str((data / "ood_long.jsonl").resolve())
     text = report.read_text()
-    for title in ("Table II shape", "Table III shape", "Table IV shape"):
+    for title in ("Table II shape", "Table III shape", "Hallucination probes", "Table IV shape",
+                  "## Set `ood_nonspeech` (no reference words)", "(paired bootstrap, 95 %)"):
         assert title in text
 
     # A restart finds every stage done: nothing is trained again, the report is rewritten.
     weights = {n: (out / "checkpoints" / n / "model.safetensors").stat().st_mtime_ns
                for n in CHECKPOINTS}
-    capsys.readouterr()
+    # Each stage, and the evaluation, began by saying which precision it chose and why.
+    lines = capsys.readouterr().err.splitlines()
+    for stage in ("pretrain-lm", "pretrain-encoder", "sft", "grpo", "eval"):
+        chosen = [line for line in lines if line.startswith(f"{stage}: precision ")]
+        assert chosen and all(" (auto: " in line for line in chosen), (stage, lines[:20])
     run_demo(out, scale=MICRO)
     err = capsys.readouterr().err
     assert err.count("already done") == 6, err

@@ -4,6 +4,7 @@ import math
 import random
 
 import jiwer
+import numpy as np
 import pytest
 
 from speechrl.metrics import (
@@ -13,6 +14,7 @@ from speechrl.metrics import (
     error_counts,
     hallucination_stats,
     has_loop,
+    paired_bootstrap,
     wer,
 )
 
@@ -141,6 +143,8 @@ def test_hallucination_stats_on_constructed_set():
     assert stats["empty_share"] == pytest.approx(1 / 5)
     # (4/4 + 5/2 + 5/3 + 0/2 + 9/3) / 5
     assert stats["length_ratio"] == pytest.approx((1 + 2.5 + 5 / 3 + 0 + 3) / 5)
+    assert stats["output_share"] == pytest.approx(4 / 5)  # all but the empty one
+    assert stats["words_per_clip"] == pytest.approx((4 + 5 + 5 + 0 + 9) / 5)
     assert stats["utterances"] == 5
     # the counts of an earlier alignment give the same figures
     assert hallucination_stats(refs, hyps, counts=error_counts(refs, hyps)[0]) == stats
@@ -152,3 +156,45 @@ def test_hallucination_stats_with_empty_references():
     assert stats["length_ratio"] == 1.0  # the empty reference has no ratio
     assert stats["over_twice_share"] == 0.5  # 1 word > 2 * 0
     assert math.isnan(hallucination_stats([""], [""])["length_ratio"])
+
+
+def test_paired_bootstrap_hand_computed():
+    # Numerators of A and B on three utterances, denominators 4, 5, 6 (reference words): the
+    # change on the whole set is (-1 + 0 + 3) / 15. A resample of one utterance three times
+    # has probability 1/27 > 2.5 %, so the interval's ends are the extremes: all utterance 1,
+    # -3/12 = -0.25, and all utterance 3, 9/18 = +0.5.
+    (interval,) = paired_bootstrap([1, 2, 0], [0, 2, 3], [4, 5, 6])
+    assert interval.delta == pytest.approx(2 / 15)
+    assert (interval.low, interval.high) == pytest.approx((-0.25, 0.5))
+    assert not interval.significant
+    assert paired_bootstrap([1, 2, 0], [0, 2, 3], [4, 5, 6]) == [interval]  # fixed seed
+    # Two columns at once; B better on every utterance of the second: significant
+    second = paired_bootstrap([[0, 2], [0, 1]], [[0, 1], [0, 0]], [[1, 2], [1, 2]])[1]
+    assert second.delta == pytest.approx(-0.5) and second.high < 0 and second.significant
+    assert second.scaled(100.0).delta == pytest.approx(-50.0)
+
+
+def test_paired_bootstrap_identical_systems_and_bad_input():
+    rng = np.random.default_rng(0)
+    num = rng.integers(0, 5, size=(50, 3)).astype(float)
+    den = rng.integers(1, 9, size=(50, 3)).astype(float)
+    for interval in paired_bootstrap(num, num, den):
+        assert (interval.delta, interval.low, interval.high) == (0.0, 0.0, 0.0)
+        assert not interval.significant
+    with pytest.raises(ValueError, match="must all be"):
+        paired_bootstrap([1, 2], [1], [1, 1])
+    with pytest.raises(ValueError, match="at least one utterance"):
+        paired_bootstrap([], [], [])
+
+
+def test_paired_bootstrap_matches_the_normal_approximation():
+    # 400 utterances, B one error fewer than A on a random 10 % of them: the interval is close
+    # to delta +- 1.96 standard errors of the mean difference (den = 10 words each).
+    rng = np.random.default_rng(1)
+    diff = -(rng.random(400) < 0.1).astype(float)
+    a = np.full(400, 2.0)
+    interval = paired_bootstrap(a, a + diff, np.full(400, 10.0), resamples=4000)[0]
+    se = diff.std(ddof=1) / np.sqrt(400) / 10.0
+    assert interval.delta == pytest.approx(diff.mean() / 10.0)
+    assert interval.low == pytest.approx(interval.delta - 1.96 * se, abs=0.25 * se)
+    assert interval.high == pytest.approx(interval.delta + 1.96 * se, abs=0.25 * se)

@@ -95,7 +95,8 @@ def test_hand_counted_percentages(report) -> None:
     assert grpo["far"]["overall"]["rel_wer_change_pct"] == pytest.approx(-1000 / 11)
     assert sft["far"]["hallucination"] == pytest.approx({
         "insertion_rate": 8 / 7, "over_twice_share": 0.5, "loop_share": 0.5,
-        "empty_share": 0.5, "length_ratio": 1.5, "utterances": 2.0})
+        "empty_share": 0.5, "length_ratio": 1.5, "output_share": 0.5, "words_per_clip": 6.0,
+        "utterances": 2.0})
     assert summary["normalizer"] == "whisper"
     assert summary["reference_checkpoint"] == "sft"
 
@@ -125,17 +126,20 @@ def test_sections(report) -> None:
     for row in [
         "| Model | indomain en | indomain fr | indomain overall |",
         "| sft | 37.50 | 33.33 | 36.36 |",
-        "| grpo | 0.00 (−100.0%) | 33.33 (+0.0%) | 9.09 (−75.0%) |",
+        # en is significant (see test_intervals_in_report); the star marks it
+        "| grpo | 0.00 (−100.0%)* | 33.33 (+0.0%) | 9.09 (−75.0%) |",
         # table III shape: Ins / Del / Sub then WER, one decimal for the parts as in the paper
         "| Model | far Ins / Del / Sub | far WER |",
         "| sft | 114.3 / 42.9 / 0.0 | 157.14 |",
-        "| grpo | 0.0 / 14.3 / 0.0 | 14.29 |",
+        "| grpo | 0.0 / 14.3 / 0.0 | 14.29* |",  # every resample of "far" improves
         # pooled over French only: sft D=1 of 3, grpo S=1 of 3
         "| grpo | 0.0 / 0.0 / 33.3 | 33.33 |",
-        "| sft | 0.0 / 33.3 / 0.0 | 33.33 |",
+        # sft against grpo, French: D +1 and S -1 on the one utterance, so [+33.3, +33.3]
+        "| sft | 0.0 / 33.3* / 0.0* | 33.33 |",
         # rows in the asked order, the first row the reference: sft overall is
         # (36.36 - 9.09) / 9.09 = +300%; en against 0% is undefined, so no change is shown
-        "| sft | 37.50 | 33.33 (+0.0%) | 36.36 (+300.0%) |",
+        # (its en change, +37.50 [+16.67, +100.00], is significant all the same)
+        "| sft | 37.50* | 33.33 (+0.0%) | 36.36 (+300.0%) |",
     ]:
         assert row in md, row
     table_iv = summary["sections"][3]
@@ -213,7 +217,7 @@ def test_bad_input(tmp_path: Path) -> None:
     results = hand_results()
     with pytest.raises(ValueError, match="unknown set 'nope'"):
         write_report(tmp_path, results, normalizer="whisper", sections=[Section("x", ("nope",))])
-    with pytest.raises(ValueError, match="kind must be 'wer' or 'breakdown'"):
+    with pytest.raises(ValueError, match="kind must be one of 'wer', 'breakdown', 'hallucination'"):
         Section("x", ("far",), kind="table")
     with pytest.raises(ValueError, match="unknown normaliser"):
         write_report(tmp_path, results, normalizer="fancy")
@@ -228,3 +232,58 @@ def test_bad_input(tmp_path: Path) -> None:
         write_report(tmp_path, clash, normalizer="whisper")
     with pytest.raises(ValueError, match="no checkpoints"):
         write_report(tmp_path, {}, normalizer="whisper")
+
+
+def test_intervals_in_report(report) -> None:
+    # grpo against sft on "indomain" English: u1 (6 words) loses 1 error, u2 (2 words) loses 2.
+    # A resample of u1 twice gives -1/6 = -16.67 points, of u2 twice -2/2 = -100 points, each
+    # with probability 1/4 (> 2.5 %), so the 95 % interval is exactly [-100, -16.67]: every
+    # resample improves, so the change is significant.
+    _, summary, md = report
+    grpo = summary["results"]["grpo"]["indomain"]
+    en = grpo["languages"]["en"]["change"]["wer_pct"]
+    assert (en["delta"], en["low"], en["high"]) == pytest.approx((-37.5, -100.0, -100 / 6))
+    assert en["significant"] is True and en["level"] == 0.95
+    # French: one utterance, D=1 traded for S=1: WER unchanged in every resample -> [0, 0]
+    fr = grpo["languages"]["fr"]["change"]
+    assert (fr["wer_pct"]["low"], fr["wer_pct"]["high"]) == (0.0, 0.0)
+    assert not fr["wer_pct"]["significant"]
+    assert fr["del_pct"] == pytest.approx({"delta": -100 / 3, "low": -100 / 3, "high": -100 / 3,
+                                           "level": 0.95, "significant": True})
+    # The baseline carries no change; the whole set's change is in the overall entry
+    assert summary["results"]["sft"]["indomain"]["overall"]["change"] is None
+    assert grpo["overall"]["change"]["wer_pct"]["delta"] == pytest.approx(-300 / 11)
+    # Table II's grpo row holds the same intervals as the per-set entries
+    en_cell = summary["sections"][0]["rows"][1]["cells"][0]
+    assert en_cell["change"]["wer_pct"] == pytest.approx(en)
+    assert "| grpo | −37.50 [−100.00, −16.67]* | +0.00 [+0.00, +0.00] |" in md
+    assert "- `grpo` on `indomain` en: WER −37.50 [−100.00, −16.67] (significant)" in md
+    assert "- `grpo` on `indomain`: WER −27.27 [" in md
+
+
+def test_set_without_reference_words(tmp_path: Path) -> None:
+    # Non-speech clips: empty references. a writes 3 words on n1 and nothing on n2; b writes
+    # "la la la la" (a loop) on n1 and 1 word on n2, c nothing at all.
+    hyps = {"a": ("yes no maybe", ""), "b": ("la la la la", "oh"), "c": ("", "")}
+    results = {k: {"noise": [Hypothesis("n1", "", h1), Hypothesis("n2", "", h2)]}
+               for k, (h1, h2) in hyps.items()}
+    paths = write_report(tmp_path, results, normalizer="basic", sections=[
+        Section("Probes", ("noise",), kind="hallucination")])
+    summary = json.loads(paths.json.read_text())
+    a, b, c = (summary["results"][k]["noise"] for k in "abc")
+    assert not a["has_references"] and a["overall"]["wer_pct"] is None
+    assert a["hallucination"]["output_share"] == 0.5 and a["hallucination"]["words_per_clip"] == 1.5
+    assert b["hallucination"]["output_share"] == 1.0 and b["hallucination"]["loop_share"] == 0.5
+    # b - a: words per clip (4 + 1) / 2 - 3 / 2 = +1; per clip +1 and +1, so [+1, +1]
+    assert b["overall"]["change"]["words_per_clip"] == pytest.approx(
+        {"delta": 1.0, "low": 1.0, "high": 1.0, "level": 0.95, "significant": True})
+    # c - a: -3 words on n1, 0 on n2 -> resamples -3, -1.5, 0 -> [-3, 0], not significant
+    words = c["overall"]["change"]["words_per_clip"]
+    assert (words["delta"], words["low"], words["high"]) == (-1.5, -3.0, 0.0)
+    assert not words["significant"]
+    assert "wer_pct" not in c["overall"]["change"]  # undefined: no reference words
+    md = paths.markdown.read_text()
+    assert "## Set `noise` (no reference words)" in md and "WER is undefined here" in md
+    assert ("| b | 2 | 100.00 | 2.50 | 50.00 | +50.00 [+0.00, +100.00] | +1.00 [+1.00, +1.00]* |"
+            in md)
+    assert "noise clips with output %" in md

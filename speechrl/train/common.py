@@ -14,7 +14,6 @@ import json
 import math
 import random
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ import torch
 from speechrl import distributed
 from speechrl.config import RunConfig, TrainConfig, to_dict
 from speechrl.distributed import World
+from speechrl.runtime import announce_precision, autocast, say  # noqa: F401 (the loops' imports)
 
 # --------------------------------------------------------------------------- device, precision
 
@@ -36,14 +36,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU (the usual choice for LLM training), full fp32 on CPU."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def seed_everything(seed: int) -> None:
@@ -272,12 +264,6 @@ def write_run_config(cfg: RunConfig, output_dir: Path, stage: str) -> None:
     (output_dir / f"{stage}_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
 
-def say(message: str) -> None:
-    """One line for the person at the terminal (stderr keeps stdout for results); rank 0 only."""
-    if distributed.is_main():
-        print(message, file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------- runs
 
 
@@ -319,6 +305,7 @@ def start_run(cfg: RunConfig, stage: str) -> Run:
         write_run_config(cfg, output_dir, stage)
     if world.is_distributed:
         say(f"{stage}: {world.world_size} ranks, {cfg.train.parallel}, {world.device.type}")
+    announce_precision(stage, cfg.train.precision, world.device)
     # The same seed on every rank: FSDP2 shards each rank's own copy of the initial weights, so
     # they must agree (DDP would broadcast rank 0's anyway).
     seed_everything(cfg.train.seed)
