@@ -66,7 +66,7 @@ class SpeechSide:
 
 
 SPEECH_SIDES: dict[str, SpeechSide] = {
-    "tiny": SpeechSide(vocab_size=2000, encoder_dim=144, stack=2),
+    "tiny": SpeechSide(vocab_size=2000, encoder_dim=144, stack=4),
     "small": SpeechSide(vocab_size=8000, encoder_dim=256, stack=2),
     "paper-2b": SpeechSide(vocab_size=187178, encoder_dim=4096, stack=1),
     "paper-8b": SpeechSide(vocab_size=187178, encoder_dim=4096, stack=1),
@@ -277,17 +277,46 @@ def measure_matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None 
     return 2 * n**3 * per_timing / best_time(run, device, repeats)
 
 
-def reset_peak_memory(device: torch.device) -> None:
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak: the allocator's on a GPU; on a Linux CPU the process's peak resident
+    size (VmHWM), which writing 5 to /proc/self/clear_refs resets. False where it cannot be."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
 
 
 def peak_memory_gib(device: torch.device) -> float:
     """Peak allocated memory since the last reset on a GPU; on a CPU, the process's peak
-    resident size so far (it cannot be reset, so it is an upper bound for any one phase)."""
+    resident size since the last :func:`reset_peak_memory` (Linux), or ever (elsewhere)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    hwm = _status_kib("VmHWM")
+    if hwm is not None:
+        return hwm / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def resident_memory_gib(device: torch.device) -> float:
+    """Memory in use now: allocated on a GPU, resident (VmRSS) on a CPU (0 where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**30
+    return (_status_kib("VmRSS") or 0) / 2**20
+
+
+def _status_kib(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (Linux), or None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 @contextlib.contextmanager

@@ -182,6 +182,10 @@ class GRPOConfig:
     dynamic_sampling: bool | None = None  # DAPO: drop all-equal groups and draw more audios
     max_refill_rounds: int = 4  # bound on extra draws per step for dynamic sampling
     mask_truncated: bool = False  # leave candidates cut by the token cap out of the loss
+    # Run each audio's prompt once for its G candidates in the log-prob passes and the update
+    # (SpeechLLM.group_target_logits: the same log-probs and gradients up to rounding); off,
+    # or where a model is not checked with it, the prompt runs once per candidate.
+    shared_prompt: bool = True
 
 
 @dataclass(frozen=True)

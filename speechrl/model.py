@@ -13,10 +13,18 @@ Shapes: B batch, L prompt length, T tokens, N frames, F features, V vocabulary, 
 
 from __future__ import annotations
 
+import inspect
+
 import peft
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    DynamicCache,
+    LlamaConfig,
+    PreTrainedModel,
+)
 
 from speechrl.config import LLMConfig, LoraConfig, ModelConfig, ProjectorConfig
 from speechrl.encoders import SpeechEncoder, build_encoder, lengths_to_mask
@@ -24,6 +32,12 @@ from speechrl.prompt import build_prompt, pad_prompts
 from speechrl.tokenizer import SpeechTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# LLM families whose prompt keys and values can be computed once per audio and shared by its G
+# candidates (SpeechLLM.group_target_logits): checked against the full pass per candidate in
+# tests/test_model.py, with sdpa and eager attention, LoRA on and off.
+SHARED_PROMPT_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SHARED_PROMPT_ATTENTION = ("sdpa", "eager")
 
 # Llama-architecture presets. paper-2b / paper-8b follow III-A: SwiGLU, 8 query groups (KV
 # heads), weights tied in the 8B only. tiny is a CPU demo (5-15 M parameters with the built-in
@@ -261,6 +275,69 @@ class SpeechLLM(nn.Module):
         )
         return out.logits
 
+    def shared_prompt_unsupported(self) -> str | None:
+        """Why this model's G candidates cannot share one prompt pass, or None when they can
+        (:meth:`group_target_logits`)."""
+        base = self.llm.get_base_model() if isinstance(self.llm, peft.PeftModel) else self.llm
+        config = base.config
+        if config.model_type not in SHARED_PROMPT_MODEL_TYPES:
+            return (f"LLM type {config.model_type!r} is not among those checked with a shared "
+                    f"prompt pass ({', '.join(SHARED_PROMPT_MODEL_TYPES)})")
+        attention = getattr(config, "_attn_implementation", None) or "eager"
+        if attention not in SHARED_PROMPT_ATTENTION:
+            return (f"attention {attention!r} is not among those checked with a shared prompt "
+                    f"pass ({', '.join(SHARED_PROMPT_ATTENTION)})")
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window",
+                                                                True):
+            return "sliding-window attention"
+        return None
+
+    def group_target_logits(
+        self,
+        speech: torch.Tensor,
+        speech_lengths: torch.Tensor,
+        targets: torch.Tensor,
+        target_mask: torch.Tensor,
+        group_size: int,
+    ) -> torch.Tensor:
+        """:meth:`target_logits` of G = ``group_size`` candidates per audio, with the prompt run
+        once per audio instead of once per candidate.
+
+        speech (B, N, D) and speech_lengths (B,) are each audio's once; targets and
+        target_mask (B*G, T) its G candidates, audio-major. Causal attention makes the prompt's
+        keys and values independent of what follows, so they are computed for the B prompts
+        (with gradients), repeated for the G candidates, and only the candidates' tokens run
+        against them. Backward sums the G candidates' gradients into the shared prompt. The
+        logits equal the full pass's up to float rounding.
+        """
+        _check_targets(targets, target_mask)
+        B, G = speech.shape[0], group_size
+        if targets.shape[0] != B * G:
+            raise ValueError(f"targets hold {targets.shape[0]} rows for {B} audios x G={G}")
+        prompt_embeds, prompt_mask = self.inference_prompt(speech, speech_lengths)
+        targets, target_mask = targets.to(self.device), target_mask.to(self.device)
+        cache_arg = _cache_argument(self.llm)
+        cache = DynamicCache(config=self.llm.config)
+        positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
+        out = self.llm(inputs_embeds=prompt_embeds, attention_mask=prompt_mask,
+                       position_ids=positions, use_cache=True, logits_to_keep=1,
+                       **{cache_arg: cache})
+        # The prompt's last position predicts every candidate's first token.
+        first = out.logits[:, -1:].repeat_interleave(G, dim=0)  # (B*G, 1, V)
+        if targets.shape[1] == 1:
+            return first
+        cache.batch_repeat_interleave(G)
+        fed_mask = target_mask[:, :-1]
+        fed = targets[:, :-1].masked_fill(~fed_mask, self.tokenizer.pad_id)
+        mask = torch.cat([prompt_mask.repeat_interleave(G, dim=0), fed_mask.long()], dim=1)
+        # Positions go on from each prompt's real length, as in the full pass.
+        start = prompt_mask.sum(-1).repeat_interleave(G)[:, None]
+        steps = torch.arange(fed.shape[1], device=fed.device)[None]
+        positions = (start + steps).masked_fill(~fed_mask, 1)
+        out = self.llm(inputs_embeds=self.embed_tokens(fed), attention_mask=mask,
+                       position_ids=positions, use_cache=True, **{cache_arg: cache})
+        return torch.cat([first, out.logits], dim=1)
+
     def target_logprobs(
         self,
         speech: torch.Tensor,
@@ -281,10 +358,13 @@ class SpeechLLM(nn.Module):
         group_size: int = 1,
         frames: tuple[torch.Tensor, torch.Tensor] | None = None,
         with_speech_ctc: bool = False,
+        shared_prompt: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Audio inputs to target logits (B*G, T, V): the path a DDP- or FSDP-wrapped trainer
         calls. targets and target_mask (B*G, T) hold G = ``group_size`` candidates per audio,
-        audio-major (GRPO); each audio is encoded once and its speech repeated G times.
+        audio-major (GRPO); each audio is encoded once and its speech repeated G times, or,
+        with ``shared_prompt``, its prompt run once for the G candidates
+        (:meth:`group_target_logits`; check :meth:`shared_prompt_unsupported` first).
 
         ``frames``: the encoder's output (B, N, D_enc) and lengths (B,) when already known (a
         frozen encoder's cached output); the encoder is then skipped and ``inputs`` unused.
@@ -300,6 +380,10 @@ class SpeechLLM(nn.Module):
         ctc_logits = speech @ self.llm.get_input_embeddings().weight.t() if with_speech_ctc \
             else None
         ctc_lengths = speech_lengths
+        if shared_prompt:
+            logits = self.group_target_logits(speech, speech_lengths, targets, target_mask,
+                                              group_size)
+            return (logits, ctc_logits, ctc_lengths) if with_speech_ctc else logits
         if group_size > 1:
             speech = speech.repeat_interleave(group_size, dim=0)
             speech_lengths = speech_lengths.repeat_interleave(group_size, dim=0)
@@ -314,6 +398,13 @@ class SpeechLLM(nn.Module):
         """Parameter count (tied weights once)."""
         params = self.trainable_parameters() if trainable_only else self.parameters()
         return sum(p.numel() for p in params)
+
+
+def _cache_argument(llm: nn.Module) -> str:
+    """The name a causal LM's forward gives its KV cache (transformers 5 renamed
+    ``past_key_values`` to ``cache``)."""
+    base = llm.get_base_model() if isinstance(llm, peft.PeftModel) else llm
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

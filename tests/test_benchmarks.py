@@ -136,31 +136,46 @@ def test_forward_flops_by_hand(train_step, tiny):
     #   layers:    2 * 3,147,776 * 12          = 75,546,624
     #   attention: 2 * 4 layers * 12^2 * 256   =    294,912
     #   head:      2 * 102,400 * 3             =    614,400
-    #   projector: 1 s = 25 encoder frames -> 13 after stacking 2;
-    #              (288 * 256 + 256) = 73,984 parameters; 2 * 73,984 * 13 = 1,923,584
-    #   total                                  = 78,379,520
+    #   projector: 1 s = 25 encoder frames -> 7 after stacking 4 (the tiny preset's);
+    #              (576 * 256 + 256) = 147,712 parameters; 2 * 147,712 * 7 = 2,067,968
+    #   total                                  = 78,523,904
     flops = train_step.forward_flops(tiny, batch=1, group=1, prompt=10, new_tokens=3,
                                      seconds=1.0)
-    assert flops == 78_379_520
+    assert flops == 78_523_904
+    # Shared prompt, 2 audios x 3 candidates, L = 10, T = 3 (2 candidate positions fed):
+    #   a prompt:    2 * 3,147,776 * 10 + 2 * 4 * 256 * 10^2 = 62,955,520 + 204,800
+    #   a candidate: 2 * 3,147,776 * 2 + 2 * 4 * 256 * 2 * 2 * (10 + 1) = 12,591,104 + 90,112
+    #                + head 2 * 102,400 * 3 = 614,400
+    #   2 * 63,160,320 + 6 * 13,295,616 + projector 2 * 2,067,968 = 210,230,272
+    flops = train_step.forward_flops(tiny, batch=2, group=3, prompt=10, new_tokens=3,
+                                     seconds=1.0, shared=True)
+    assert flops == 210_230_272
+    full = train_step.forward_flops(tiny, batch=2, group=3, prompt=10, new_tokens=3, seconds=1.0)
+    assert full == 6 * (78_523_904 - 2_067_968) + 2 * 2_067_968  # the prompt 6 times
 
 
 def test_train_step_table_and_record(train_step, tmp_path, capsys):
     record = tmp_path / "bench.md"
     rows = train_step.main([*TINY, "--batch", "2", "--group", "2", "--new-tokens", "4",
-                            "--repeats", "1", "--append", str(record)])
-    (r,) = rows
-    assert (r["B"], r["G"], r["T"]) == (2, 2, 4)
-    for key in ("ref_s", "old_s", "update_s", "step_s", "tokens_per_s", "flops", "flop_rate",
-                "mfu"):
-        assert math.isfinite(r[key]) and r[key] > 0, (key, r[key])
-    assert r["step_s"] == pytest.approx(r["ref_s"] + r["old_s"] + r["update_s"])
-    assert r["tokens_per_s"] == pytest.approx(4 * (r["L"] + 4) / r["step_s"])
-    assert r["flop_rate"] == pytest.approx(r["flops"] / r["step_s"])
-    assert "| preset | B | G |" in capsys.readouterr().out
+                            "--repeats", "1", "--prompt-tokens", "20", "--append", str(record)])
+    full, shared = rows
+    assert (full["path"], shared["path"]) == ("full", "shared")
+    for r in rows:
+        assert (r["B"], r["G"], r["L"], r["T"]) == (2, 2, 20, 4)
+        for key in ("ref_s", "old_s", "update_s", "step_s", "tokens_per_s", "flops",
+                    "flop_rate", "mfu", "update_tokens_per_s", "logprob_tokens_per_s"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r[key])
+        assert r["update_gib"] >= 0 and r["logprob_gib"] >= 0
+        assert r["step_s"] == pytest.approx(r["ref_s"] + r["old_s"] + r["update_s"])
+        assert r["tokens_per_s"] == pytest.approx(4 * (20 + 4) / r["step_s"])
+        assert r["flop_rate"] == pytest.approx(r["flops"] / r["step_s"])
+    assert shared["flops"] < full["flops"]
+    assert shared["speedup"] == pytest.approx(full["step_s"] / shared["step_s"])
+    assert "| preset | path   | B | G |" in capsys.readouterr().out
     text = record.read_text(encoding="utf-8")
     assert text.startswith(f"\n## {datetime.date.today().isoformat()}: GRPO update speed, CPU")
     assert "    .venv/bin/python benchmarks/train_step.py --device cpu" in text
-    assert f"| tiny   | 2 | 2 | {r['L']} | 4 |" in text
+    assert "| tiny   | full   | 2 | 2 | 20 | 4 |" in text
 
 
 def test_grpo_update_moves_the_policy_only(train_step, tmp_path):

@@ -63,6 +63,7 @@ from speechrl.train.common import (
     progress,
     report_skips,
     save_training_checkpoint,
+    say,
     skip_nonfinite,
     start_run,
     stop_if_needed,
@@ -101,10 +102,21 @@ class Rollout:
     wers: torch.Tensor  # (B, G) candidate WER, logged whatever the reward
     old_logp: torch.Tensor | None = None  # (B*G, T)
     ref_logp: torch.Tensor | None = None  # (B*G, T)
+    # A frozen encoder's output (B, N', D_enc) and lengths (B,), computed once in the rollout
+    # and reused by every log-prob pass and update of the step; None: re-encode (trainable).
+    frames: torch.Tensor | None = None
+    frame_lengths: torch.Tensor | None = None
 
     @property
     def num_audios(self) -> int:
         return len(self.refs)
+
+    def model_inputs(self) -> dict:
+        """What the speech-LLM's forward takes for this rollout's candidates, besides the
+        grouping: the audio (or its frozen encoder's frames, when kept) and the tokens."""
+        frames = None if self.frames is None else (self.frames, self.frame_lengths)
+        return {"inputs": self.speech_inputs, "lengths": self.input_lengths,
+                "targets": self.tokens, "target_mask": self.mask, "frames": frames}
 
 
 def train_grpo(cfg: RunConfig) -> Path:
@@ -119,6 +131,10 @@ def train_grpo(cfg: RunConfig) -> Path:
         reference = load_or_build_model(cfg, run.device).eval().requires_grad_(False)
         if run.world.is_distributed and cfg.train.parallel == "fsdp2":
             reference = distributed.shard_model(reference)
+    shared = shared_prompt_choice(cfg, plain, run)
+    if shared != grpo.shared_prompt:
+        cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(grpo, shared_prompt=shared))
+        grpo, run.cfg = cfg.grpo, cfg
     train_loader, dev_loader = speech_loaders(cfg, plain, run.world.rank, run.world.world_size)
     track_skips(run, train=train_loader, dev=dev_loader)  # skips.json even on an early stop
     policy = prepare_model(run, plain)  # resumed weights, then DDP / FSDP2 wrapping
@@ -157,6 +173,21 @@ def train_grpo(cfg: RunConfig) -> Path:
     run.logger.close()
     report_skips(run)
     return run.best_dir if run.best_dir.exists() else run.last_dir
+
+
+def shared_prompt_choice(cfg: RunConfig, model, run: Run) -> bool:
+    """Whether the log-prob passes and the update run each audio's prompt once for its G
+    candidates (``grpo.shared_prompt``, exact up to rounding), or once per candidate: the
+    fallback, said once, for a model or set-up the shared pass is not checked with."""
+    if not cfg.grpo.shared_prompt:
+        return False
+    why = model.shared_prompt_unsupported()
+    if why is None and run.world.is_distributed and cfg.train.parallel == "fsdp2":
+        why = "FSDP2 sharding"
+    if why is not None:
+        say(f"grpo: {why}: the prompt runs once per candidate (grpo.shared_prompt off)")
+        return False
+    return True
 
 
 def build_reward_fn(grpo: GRPOConfig):
@@ -294,7 +325,7 @@ def audio_generators(step_seed: int, ids: list[str]) -> list[torch.Generator]:
 
 def sample_groups(run: Run, policy, batch, reward_fn, step_seed: int | None,
                   timer) -> Rollout:
-    from speechrl.generate import DecodingOptions, generate, max_tokens_for_duration
+    from speechrl.generate import DecodingOptions, generate_from_speech, max_tokens_for_duration
     from speechrl.metrics import error_counts
 
     grpo = run.cfg.grpo
@@ -313,9 +344,15 @@ def sample_groups(run: Run, policy, batch, reward_fn, step_seed: int | None,
     caps = max_tokens_for_duration(batch.durations, grpo.tokens_per_second,
                                    floor=min(8, grpo.max_new_tokens), cap=grpo.max_new_tokens)
     generators = None if step_seed is None else audio_generators(step_seed, list(batch.ids))
+    frozen = not any(p.requires_grad for p in policy.encoder.parameters())
     with autocast(run.device, run.cfg.train.precision):
-        result = generate(policy, batch.inputs, batch.input_lengths, options,
-                          max_new_tokens=caps, generator=generators)
+        # A frozen encoder runs once per step: its frames serve the rollout here and every
+        # log-prob pass and update after it.
+        frames, frame_lengths = policy.encoder(batch.inputs.to(policy.device),
+                                               batch.input_lengths.to(policy.device))
+        speech, speech_lengths = policy.projector(frames, frame_lengths)
+        result = generate_from_speech(policy, speech, speech_lengths, options,
+                                      max_new_tokens=caps, generator=generators)
     with timer("scoring_s"):
         refs = [r for r in batch.texts for _ in range(G)]
         langs = [lang for lang in batch.languages for _ in range(G)]
@@ -330,6 +367,8 @@ def sample_groups(run: Run, policy, batch, reward_fn, step_seed: int | None,
     return Rollout(
         speech_inputs=batch.inputs,
         input_lengths=batch.input_lengths,
+        frames=frames.float() if frozen else None,
+        frame_lengths=frame_lengths if frozen else None,
         refs=list(batch.texts),
         languages=list(batch.languages),
         tokens=tokens,
@@ -362,6 +401,8 @@ def select_audios(r: Rollout, keep: list[int]) -> Rollout:
     return Rollout(
         speech_inputs=r.speech_inputs.index_select(0, idx),
         input_lengths=r.input_lengths.index_select(0, idx),
+        frames=None if r.frames is None else r.frames.index_select(0, idx),
+        frame_lengths=None if r.frames is None else r.frame_lengths.index_select(0, idx),
         refs=[r.refs[b] for b in keep],
         languages=[r.languages[b] for b in keep],
         tokens=r.tokens.index_select(0, ridx),
@@ -377,9 +418,12 @@ def concat_rollouts(parts: list[Rollout], G: int) -> Rollout:
     parts = [p for p in parts if p.num_audios] or parts[:1]
     if len(parts) == 1:
         return parts[0]
+    kept = parts[0].frames is not None
     return Rollout(
         speech_inputs=_cat_padded([p.speech_inputs for p in parts]),
         input_lengths=torch.cat([p.input_lengths for p in parts]),
+        frames=_cat_padded([p.frames for p in parts]) if kept else None,
+        frame_lengths=torch.cat([p.frame_lengths for p in parts]) if kept else None,
         refs=sum((p.refs for p in parts), []),
         languages=sum((p.languages for p in parts), []),
         tokens=_cat_padded([p.tokens for p in parts], value=0),
@@ -434,8 +478,8 @@ def candidate_logprobs(run: Run, model, rollout: Rollout) -> torch.Tensor:
     was_training = model.training
     model.eval()
     with autocast(run.device, run.cfg.train.precision):
-        logits = model(rollout.speech_inputs, rollout.input_lengths, rollout.tokens,
-                       rollout.mask, group_size=G)
+        logits = model(**rollout.model_inputs(), group_size=G,
+                       shared_prompt=run.cfg.grpo.shared_prompt)
     model.train(was_training)
     return token_logprobs(logits, rollout.tokens, rollout.mask).float()
 
@@ -450,8 +494,7 @@ def policy_update(run: Run, policy, optimizer, rollout: Rollout, advantages: tor
     policy.train()
     optimizer.zero_grad(set_to_none=True)
     with autocast(run.device, run.cfg.train.precision):
-        logits = policy(rollout.speech_inputs, rollout.input_lengths, rollout.tokens,
-                        rollout.mask, group_size=G)
+        logits = policy(**rollout.model_inputs(), group_size=G, shared_prompt=grpo.shared_prompt)
     logits = logits.float()
     log_probs = torch.log_softmax(logits, dim=-1)
     logp = log_probs.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)  # (B*G, T)
