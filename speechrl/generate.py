@@ -47,6 +47,9 @@ class DecodingOptions:
     # Steps between "all rows done?" checks; each check is a host sync. None: every step on CPU,
     # every 8 steps on an accelerator (a few wasted steps beat a sync per token there).
     stop_check_every: int | None = None
+    # Greedy and per-prompt-seeded sampling: rows that are done leave the batch at those checks
+    # once they are a quarter of it (the same tokens, fewer rows to run).
+    drop_done_rows: bool = True
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -225,6 +228,12 @@ class _CachedLM:
         self.mask = self.mask[rows]
         self.next_position = self.next_position[rows]
 
+    def keep(self, rows: Tensor) -> None:
+        """Only the rows ``rows`` (ascending indices) go on; the others are dropped."""
+        self.cache.batch_select_indices(rows)
+        self.mask = self.mask[rows]
+        self.next_position = self.next_position[rows]
+
     def step(self, tokens: Tensor) -> Tensor:
         """Append one (R,) token per row; returns (R, V) next-token logits."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=-1)
@@ -262,32 +271,47 @@ def _decode_rows(lm: _CachedLM, logits: Tensor, caps: Tensor, options: DecodingO
                  eos_id: int, pad_id: int,
                  generator: torch.Generator | Sequence[torch.Generator] | None) -> DecodeResult:
     """Greedy or sampled decoding of R = B*G independent rows from their (R, V) first logits,
-    each capped at caps (R,) new tokens. Done rows emit pad_id and are masked out."""
+    each capped at caps (R,) new tokens. Done rows emit pad_id and are masked out.
+
+    Rows that are done leave the batch (their cache rows dropped) once they are a quarter of
+    it, so the model runs on live rows only: candidates of one step end at very different
+    lengths. Each row's tokens depend on its own logits and, when sampling, on its own
+    uniforms, so this changes no result; with one shared ``generator`` (draws depend on the
+    batch) the batch is kept whole instead."""
     rows, steps = logits.size(0), int(caps.max())
     device = logits.device
     uniforms = None
     if options.strategy == "sample" and isinstance(generator, Sequence):
         uniforms = _prompt_uniforms(generator, caps, steps).to(device)  # (R, steps)
         generator = None
+    compact = options.drop_done_rows and (options.strategy == "greedy" or uniforms is not None)
     tokens = torch.full((rows, steps), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(rows, steps, dtype=torch.float32, device=device)
     mask = torch.zeros(rows, steps, dtype=torch.bool, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    live = torch.arange(rows, device=device)  # the rows still in the batch, ascending
     check_every = _check_every(options, device)
     for t in range(steps):
         token = sample_next_token(logits, options, generator,
-                                  None if uniforms is None else uniforms[:, t])
+                                  None if uniforms is None else uniforms[live, t])
         # The policy's own log-prob of the token: raw logits, no temperature or filter.
         logp = logits.float().log_softmax(dim=-1).gather(-1, token[:, None]).squeeze(-1)
-        token = token.masked_fill(done, pad_id)
-        tokens[:, t] = token
-        logprobs[:, t] = logp.masked_fill(done, 0.0)
-        mask[:, t] = ~done
-        finished |= (token == eos_id) & ~done
-        done |= finished | (t + 1 >= caps)
+        was_done = done[live]
+        token = token.masked_fill(was_done, pad_id)
+        tokens[live, t] = token
+        logprobs[live, t] = logp.masked_fill(was_done, 0.0)
+        mask[live, t] = ~was_done
+        finished[live] |= (token == eos_id) & ~was_done
+        done[live] |= finished[live] | (t + 1 >= caps[live])
         if t + 1 == steps or ((t + 1) % check_every == 0 and bool(done.all())):
             break
+        if compact and (t + 1) % check_every == 0:
+            going = ~done[live]
+            if 4 * int((~going).sum()) >= len(live):  # a quarter of the batch is done
+                keep = going.nonzero().flatten()
+                lm.keep(keep)
+                live, token = live[keep], token[keep]
         logits = lm.step(token)
     return _result(tokens, logprobs, mask, finished, logprobs.sum(dim=-1))
 

@@ -222,13 +222,18 @@ def test_eos_and_caps(llm, prompts):
     assert short.mask.shape == (3, 3) and short.mask.all()
 
     # Early stop: with prompts 1 and 2 capped at 1 token, all rows are done after the fourth
-    # token of prompt 0, so there are exactly 3 incremental steps after the prefill.
+    # token of prompt 0, so there are exactly 3 incremental steps after the prefill; rows 1 and
+    # 2, done after their first token, have left the batch: the steps run prompt 0 alone.
     calls = CallLog(llm)
     early = run(llm, embeds, mask, caps=torch.tensor([12, 1, 1]))
     calls.handle.remove()
     assert early.mask.sum(-1).tolist() == [4, 1, 1] and early.mask.size(1) == 4
     assert early.finished.tolist() == [True, False, False]
-    assert calls.prefill == [3] and calls.steps == [3, 3, 3]
+    assert calls.prefill == [3] and calls.steps == [1, 1, 1]
+    calls = CallLog(llm)
+    whole = run(llm, embeds, mask, caps=torch.tensor([12, 1, 1]), drop_done_rows=False)
+    calls.handle.remove()
+    assert calls.steps == [3, 3, 3] and whole.tokens == early.tokens
 
 
 # --------------------------------------------------------------------------- groups, sampling
@@ -256,6 +261,30 @@ def test_sampling_is_reproducible_per_seed(llm, prompts):
     assert a.tokens != c.tokens
     # A group shares one prefill but its candidates are drawn independently.
     assert len({tuple(t) for t in a.tokens[:4]}) > 1
+
+
+def test_done_rows_leave_the_batch_without_changing_any_candidate(llm, prompts):
+    # Per-prompt generators, as GRPO samples: prompts 1 and 2 are capped at 3 and 7 tokens, so
+    # their rows leave the batch on the way; every row keeps the tokens and log-probs it gets
+    # when the batch stays whole, and later steps run fewer rows.
+    embeds, mask = left_pad(prompts)
+    caps = torch.tensor([12, 3, 7])
+    for opts in (dict(strategy="sample", num_return_sequences=4), dict(strategy="greedy")):
+        def decode_with(drop: bool, opts=opts):
+            calls = CallLog(llm)
+            gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+            out = run(llm, embeds, mask, caps=caps, generator=gens, drop_done_rows=drop, **opts)
+            calls.handle.remove()
+            return out, calls.steps
+
+        (dropped, few), (whole, all_rows) = decode_with(True), decode_with(False)
+        assert dropped.tokens == whole.tokens, opts
+        torch.testing.assert_close(dropped.logprobs, whole.logprobs, atol=1e-5, rtol=0)
+        assert torch.equal(dropped.mask, whole.mask)
+        assert torch.equal(dropped.finished, whole.finished)
+        G = opts.get("num_return_sequences", 1)
+        assert set(all_rows) == {3 * G} and len(few) == len(all_rows)
+        assert few[-1] <= G  # prompt 0's rows (those not done yet) alone run its last steps
 
 
 @pytest.mark.parametrize("options, group", [
