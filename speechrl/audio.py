@@ -319,6 +319,29 @@ def tones(num_samples: int, rng: np.random.Generator,
     return (out / max(rms(out), 1e-12)).astype(np.float32)
 
 
+def hum(num_samples: int, rng: np.random.Generator, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Mains hum and buzz (S,), unit RMS: a 50 or 60 Hz fundamental and its first 2-12 harmonics
+    with amplitudes falling as 1/k^0.5-1/k^1.5, and a little white noise."""
+    t = np.arange(num_samples) / sample_rate
+    f0 = float(rng.choice([50.0, 60.0]))
+    fall = rng.uniform(0.5, 1.5)
+    wave = np.zeros(num_samples)
+    for k in range(1, int(rng.integers(3, 14))):
+        wave += np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 2 * np.pi)) / k**fall
+    wave = wave / max(rms(wave), 1e-12) + 0.05 * rng.standard_normal(num_samples)
+    return (wave / max(rms(wave), 1e-12)).astype(np.float32)
+
+
+def band_noise(num_samples: int, rng: np.random.Generator,
+               sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """White noise in one octave band (S,) whose low edge lies between 200 and 3000 Hz, unit
+    RMS."""
+    low = float(rng.uniform(200.0, 3000.0))
+    wave = band_pass(rng.standard_normal(num_samples).astype(np.float32), sample_rate, low,
+                     2.0 * low)
+    return (wave / max(rms(wave), 1e-12)).astype(np.float32)
+
+
 def room_impulse_response(
     rt60: float,
     rng: np.random.Generator,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -198,6 +199,50 @@ SETS = (
 
 # What ood_nonspeech clips hold, each drawn equally often.
 NONSPEECH_KINDS = ("babble", "noise", "tones", "silence")
+# What the training mix's non-speech clips hold (TrainMix): other families than the probes',
+# so the probes stay unseen.
+MIX_NONSPEECH_KINDS = ("babble", "hum", "band")
+
+
+@dataclass(frozen=True)
+class TrainMix:
+    """Degraded conditions mixed into the training set, with in-domain voices and noise
+    families the out-of-domain sets and probes never use: shares of the training utterances
+    rendered noisy or overlapped (same text), and non-speech clips with an empty reference
+    added on top (a share of ``utts``). All zero: the clean training set.
+
+    - ``noisy``: babble of 3-5 in-domain voices, or mains hum, or octave-band noise, 5-20 dB SNR;
+    - ``overlap``: a second in-domain talker 3-12 dB below, from 10-60 % into the sentence;
+    - ``nonspeech``: 1-8 s of in-domain babble, hum or octave-band noise only.
+    """
+
+    noisy: float = 0.0
+    overlap: float = 0.0
+    nonspeech: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("noisy", "overlap", "nonspeech"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"train mix {name}={value}: a share must lie in [0, 1]")
+        if self.noisy + self.overlap > 1.0:
+            raise ValueError(f"train mix noisy + overlap = {self.noisy + self.overlap} > 1")
+
+    @classmethod
+    def parse(cls, text: str) -> TrainMix:
+        """``"noisy=0.1,overlap=0.05,nonspeech=0.03"`` (any of them; empty: clean)."""
+        shares = {}
+        for item in (part.strip() for part in text.split(",")):
+            if not item:
+                continue
+            name, eq, value = item.partition("=")
+            if not eq or name.strip() not in ("noisy", "overlap", "nonspeech"):
+                raise ValueError(f"train mix {item!r}: use noisy=S, overlap=S or nonspeech=S")
+            try:
+                shares[name.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"train mix {item!r}: {value!r} is not a number") from None
+        return cls(**shares)
 # ood_long: sentences are added until the clip lasts LONG_SECONDS[0], never beyond [1], drawn
 # from LONG_MAX_SENTENCES planned ones.
 LONG_SECONDS = (12.0, 20.0)
@@ -232,11 +277,14 @@ def set_sizes(utts: int, eval_utts: int | None = None) -> dict[str, int]:
 
 
 def plan_corpus(langs: Sequence[str], utts: int, seed: int,
-                eval_utts: int | None = None) -> list[UtterancePlan]:
+                eval_utts: int | None = None,
+                train_mix: TrainMix | None = None) -> list[UtterancePlan]:
     """Every utterance of the corpus: text, speaker and condition, from ``seed`` alone.
 
     No sentence appears twice in a language, so the test sets share no text with training
     (a probe's interfering or babbling talkers may say anything: they are not transcribed).
+    ``train_mix`` degrades some training utterances and adds non-speech ones; it draws from
+    generators of its own, so every other utterance stays as in the clean corpus.
     """
     sizes = set_sizes(utts, eval_utts)
     plans = []
@@ -268,9 +316,46 @@ def plan_corpus(langs: Sequence[str], utts: int, seed: int,
                     set_name=spec.name, id=f"{spec.name}-{lang}-{i:05d}", language=lang,
                     text=text, speaker=draw_speaker(spec.pool, rng), condition=spec.condition,
                     seed=(seed, si, li, i), **extra))
+        if train_mix is not None:
+            plans = _mix_into_train(plans, train_mix, generator, lang, li, seed, utts)
     # Sets in SETS order, each grouped by language, as the manifests list them.
     order = {s.name: k for k, s in enumerate(SETS)}
     return sorted(plans, key=lambda p: (order[p.set_name], langs.index(p.language)))
+
+
+def _mix_into_train(plans: list[UtterancePlan], mix: TrainMix, generator: SentenceGenerator,
+                    lang: str, li: int, seed: int, utts: int) -> list[UtterancePlan]:
+    """The plans with language ``lang``'s training utterances degraded by ``mix``, and its
+    non-speech training clips appended (ids ``train-<lang>-n<k>``)."""
+    si = [s.name for s in SETS].index("train")
+    rng = np.random.default_rng([seed, si, li, 1])  # the mix's own stream
+    out = []
+    for plan in plans:
+        if plan.set_name != "train" or plan.language != lang:
+            out.append(plan)
+            continue
+        u = rng.random()
+        if u < mix.noisy:
+            babble = ()
+            if rng.random() < 1 / 3:
+                babble = tuple((generator.sentence(rng), draw_speaker("in_domain", rng))
+                               for _ in range(int(rng.integers(3, 6))))
+            plan = dataclasses.replace(plan, condition="mix_noisy", babble=babble)
+        elif u < mix.noisy + mix.overlap:
+            plan = dataclasses.replace(plan, condition="mix_overlap", interferer=(
+                generator.sentence(rng), draw_speaker("in_domain", rng)))
+        out.append(plan)
+    for k in range(round(mix.nonspeech * utts)):
+        kind = MIX_NONSPEECH_KINDS[int(rng.integers(len(MIX_NONSPEECH_KINDS)))]
+        babble = ()
+        if kind == "babble":
+            babble = tuple((generator.sentence(rng), draw_speaker("in_domain", rng))
+                           for _ in range(int(rng.integers(3, 7))))
+        out.append(UtterancePlan(
+            set_name="train", id=f"train-{lang}-n{k:05d}", language=lang, text="",
+            speaker=draw_speaker("in_domain", rng), condition="mix_nonspeech",
+            seed=(seed, si, li, 1, k), babble=babble, nonspeech=kind))
+    return out
 
 
 def _unused_sentence(generator: SentenceGenerator, used: set[str],
@@ -300,7 +385,7 @@ def render(plan: UtterancePlan,
     """The utterance's audio (S,) at 16 kHz in its acoustic condition, what was applied, and
     its transcript (the plan's text; for ``long``, the sentences that were spoken)."""
     rng = np.random.default_rng(list(plan.seed))
-    if plan.condition == "nonspeech":
+    if plan.condition in ("nonspeech", "mix_nonspeech"):
         wave, acoustics = _nonspeech(plan, engine, rng)
         return wave, acoustics, ""
     if plan.condition == "long":
@@ -310,6 +395,19 @@ def render(plan: UtterancePlan,
     acoustics: dict[str, float | str] = {}
     if plan.condition == "overlap":
         wave, acoustics = _overlap(wave, plan, engine, rng)
+    elif plan.condition == "mix_overlap":
+        wave, acoustics = _overlap(wave, plan, engine, rng, below_db=(3.0, 12.0))
+    elif plan.condition == "mix_noisy":
+        snr = float(rng.uniform(5.0, 20.0))
+        if plan.babble:
+            talkers = [speak(engine, t, plan.language, s) for t, s in plan.babble]
+            noise, kind = audio.babble(talkers, len(wave), rng), f"babble{len(talkers)}"
+        else:
+            kind = "hum" if rng.random() < 0.5 else "band"
+            noise = audio.hum(len(wave), rng) if kind == "hum" else audio.band_noise(len(wave),
+                                                                                  rng)
+        wave = audio.mix_at_snr(wave, noise, snr)
+        acoustics = {"noise": kind, "snr_db": round(snr, 2)}
     elif plan.condition == "noisy":
         snr = float(rng.uniform(0.0, 10.0))
         if plan.babble:
@@ -336,14 +434,16 @@ def render(plan: UtterancePlan,
     return audio.normalise_level(wave, float(rng.uniform(-28.0, -18.0))), acoustics, plan.text
 
 
-def _overlap(main: np.ndarray, plan: UtterancePlan, engine: Espeak,
-             rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float | str]]:
-    """``main`` (S,) with the plan's second talker starting 10-60 % into it, 0-6 dB quieter
-    (speech power against speech power), the clip lengthened to wherever that talker stops."""
+def _overlap(main: np.ndarray, plan: UtterancePlan, engine: Espeak, rng: np.random.Generator,
+             below_db: tuple[float, float] = (0.0, 6.0)
+             ) -> tuple[np.ndarray, dict[str, float | str]]:
+    """``main`` (S,) with the plan's second talker starting 10-60 % into it, ``below_db`` dB
+    quieter (speech power against speech power), the clip lengthened to wherever that talker
+    stops."""
     text, speaker = plan.interferer
     other = speak(engine, text, plan.language, speaker)
     start = int(rng.uniform(0.1, 0.6) * len(main))
-    below_db = float(rng.uniform(0.0, 6.0))
+    below_db = float(rng.uniform(*below_db))
     gain = audio.rms(main) / max(audio.rms(other), 1e-12) * 10.0 ** (-below_db / 20.0)
     mix = np.zeros(max(len(main), start + len(other)), dtype=np.float32)
     mix[: len(main)] += main
@@ -372,8 +472,13 @@ def _nonspeech(plan: UtterancePlan, engine: Espeak,
         wave = audio.tones(n, rng)
     elif kind == "silence":
         wave = audio.coloured_noise(n, 1.0, rng)
+    elif kind == "hum":
+        wave = audio.hum(n, rng)
+    elif kind == "band":
+        wave = audio.band_noise(n, rng)
     else:
-        raise ValueError(f"unknown nonspeech kind {kind!r}; one of {NONSPEECH_KINDS}")
+        raise ValueError(f"unknown nonspeech kind {kind!r}; one of "
+                         f"{NONSPEECH_KINDS + MIX_NONSPEECH_KINDS}")
     # Near-silence is a faint noise floor; the others sit at the speech sets' levels.
     level = float(rng.uniform(-65.0, -50.0) if kind == "silence" else rng.uniform(-30.0, -18.0))
     acoustics["rms_db"] = round(level, 2)
@@ -447,13 +552,15 @@ def synthesize_corpus(
     workers: int | None = None,
     progress: bool = True,
     eval_utts: int | None = None,
+    train_mix: TrainMix | None = None,
 ) -> dict[str, Path]:
     """Write the corpus under ``out_dir``; returns {set name: manifest path}.
 
     ``utts`` is the number of training utterances per language; dev and test get 10 % each,
     ood_noisy and ood_farfield 10 %, adapt_train 25 %, adapt_dev 5 %, adapt_test 10 %,
     ood_overlap 10 %, ood_nonspeech and ood_long 6 % (at least one each) — of ``eval_utts``
-    instead when given. ``workers`` defaults to the CPUs available.
+    instead when given. ``workers`` defaults to the CPUs available. ``train_mix`` degrades
+    some training utterances and adds non-speech training clips (:class:`TrainMix`).
     """
     langs = tuple(langs)
     unknown = [lang for lang in langs if lang not in LANGUAGES]
@@ -461,7 +568,7 @@ def synthesize_corpus(
         raise ValueError(f"languages {unknown or '(none)'} not supported; choose from {LANGUAGES}")
     out = Path(out_dir)
     version = espeak_version()  # fails early, with advice, when espeak-ng is missing
-    plans = plan_corpus(langs, utts, seed, eval_utts)
+    plans = plan_corpus(langs, utts, seed, eval_utts, train_mix)
     for spec in SETS:
         shutil.rmtree(out / "audio" / spec.name, ignore_errors=True)
         (out / "audio" / spec.name).mkdir(parents=True)
@@ -476,7 +583,7 @@ def synthesize_corpus(
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in set_rows),
             encoding="utf-8")
     # Written last: its presence says the corpus is complete.
-    _write_description(out, by_set, langs, utts, seed, version)
+    _write_description(out, by_set, langs, utts, seed, version, train_mix or TrainMix())
     return manifests
 
 
@@ -503,7 +610,7 @@ def _render_all(out: Path, plans: list[UtterancePlan], workers: int | None,
 
 
 def _write_description(out: Path, by_set: dict[str, list[dict]], langs: Sequence[str],
-                       utts: int, seed: int, version: str) -> None:
+                       utts: int, seed: int, version: str, train_mix: TrainMix) -> None:
     sets = {}
     for spec in SETS:
         mine = by_set[spec.name]
@@ -521,6 +628,9 @@ def _write_description(out: Path, by_set: dict[str, list[dict]], langs: Sequence
         "seed": seed,
         "languages": list(langs),
         "train_utterances_per_language": utts,
+        "train_mix": dataclasses.asdict(train_mix),
+        "train_domains": {d: sum(r["domain"] == d for r in by_set["train"])
+                          for d in sorted({r["domain"] for r in by_set["train"]})},
         "sample_rate": SAMPLE_RATE,
         "format": "flac",
         "espeak_ng": version,
@@ -547,6 +657,11 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--eval-utts", type=int, default=None,
                         help="size the dev, test, out-of-domain and adaptation sets from this "
                              "many utterances per language instead of --utts")
+    parser.add_argument("--train-mix", default="", metavar="noisy=S,overlap=S,nonspeech=S",
+                        help="degrade these shares of the training utterances (noisy, "
+                             "overlapped) and add non-speech clips with empty references, with "
+                             "in-domain voices and noise families the test sets never use "
+                             "(default: a clean training set)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes (default: every available CPU)")
@@ -557,7 +672,8 @@ def synth_main(args: argparse.Namespace) -> int:
     langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()]
     start = time.perf_counter()
     manifests = synthesize_corpus(args.out, langs=langs, utts=args.utts, seed=args.seed,
-                                  workers=args.workers, eval_utts=args.eval_utts)
+                                  workers=args.workers, eval_utts=args.eval_utts,
+                                  train_mix=TrainMix.parse(args.train_mix))
     elapsed = time.perf_counter() - start
     description = json.loads((Path(args.out) / "corpus.json").read_text(encoding="utf-8"))
     total = sum(s["utterances"] for s in description["sets"].values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -135,3 +136,54 @@ def test_small_corpus_is_complete_readable_and_deterministic(tmp_path):
 def test_unknown_language_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"languages \['xx'\] not supported"):
         synth.synthesize_corpus(tmp_path, langs=["en", "xx"], utts=1)
+
+
+def test_train_mix_degrades_a_share_of_training_and_adds_nonspeech():
+    mix = synth.TrainMix(noisy=0.2, overlap=0.1, nonspeech=0.1)
+    plans = synth.plan_corpus(["en", "de"], utts=40, seed=0, eval_utts=20, train_mix=mix)
+    clean = synth.plan_corpus(["en", "de"], utts=40, seed=0, eval_utts=20)
+    # The same sentences and speakers everywhere; only the mix's conditions differ.
+    kept = [p for p in plans if p.condition != "mix_nonspeech"]
+    assert [(p.id, p.text, p.speaker) for p in kept] == [(p.id, p.text, p.speaker) for p in clean]
+    assert all(a == b for a, b in zip(kept, clean, strict=True) if a.set_name != "train")
+    train = [p for p in plans if p.set_name == "train"]
+    conditions = [p.condition for p in train]
+    assert conditions.count("mix_nonspeech") == 2 * 4  # 10 % of 40, per language, added
+    assert 0 < conditions.count("mix_noisy") and 0 < conditions.count("mix_overlap")
+    assert conditions.count("mix_noisy") + conditions.count("mix_overlap") + \
+        conditions.count("clean") == 80
+    in_domain = set(synth.VOICE_POOLS["in_domain"])
+    for p in train:
+        assert all(s.variant in in_domain for _, s in p.babble)  # never the probes' voices
+        if p.condition == "mix_overlap":
+            assert p.interferer[1].variant in in_domain
+        if p.condition == "mix_nonspeech":
+            assert p.text == "" and p.nonspeech in synth.MIX_NONSPEECH_KINDS
+            assert p.id.startswith(f"train-{p.language}-n")
+    assert not set(synth.MIX_NONSPEECH_KINDS) & {"noise", "tones", "silence"}
+    with pytest.raises(ValueError, match="noisy=S, overlap=S or nonspeech=S"):
+        synth.TrainMix.parse("noise=0.1")
+    assert synth.TrainMix.parse("noisy=0.1, nonspeech=0.02") == synth.TrainMix(0.1, 0, 0.02)
+    with pytest.raises(ValueError, match=r"share must lie in \[0, 1\]"):
+        synth.TrainMix(overlap=1.5)
+
+
+@needs_espeak
+def test_train_mix_renders_its_conditions():
+    engine = synth.Espeak()
+    speaker = synth.Speaker("m3", 50, 170)
+    base = synth.UtterancePlan("train", "train-en-00000", "en", "the cat sat on the mat",
+                               speaker, "clean", (0, 0, 0, 0))
+    clean, _, _ = synth.render(base, engine)
+    noisy, info, text = synth.render(dataclasses.replace(base, condition="mix_noisy"), engine)
+    assert text == base.text and info["noise"] in ("hum", "band") and 5 <= info["snr_db"] <= 20
+    assert abs(len(noisy) - len(clean)) < 0.05 * len(clean)  # espeak-ng varies a little
+    overlap, info, _ = synth.render(dataclasses.replace(
+        base, condition="mix_overlap", interferer=("hello world", synth.Speaker("f2", 40, 150))),
+        engine)
+    assert 3.0 <= info["interferer_db_below"] <= 12.0 and len(overlap) >= len(clean)
+    for kind in synth.MIX_NONSPEECH_KINDS:
+        babble = (("hello world", synth.Speaker("f2", 40, 150)),) * 3 if kind == "babble" else ()
+        wave, info, text = synth.render(dataclasses.replace(
+            base, text="", condition="mix_nonspeech", nonspeech=kind, babble=babble), engine)
+        assert text == "" and info["nonspeech"] == kind and 1.0 <= len(wave) / 16000 <= 8.0
