@@ -99,6 +99,10 @@ class DataConfig:
     strict: bool = False  # raise on the first bad row instead of skipping it
     num_workers: int = 0
     augment: bool = False  # speed / noise / reverb augmentation of training audio
+    # Train on rows whose text is empty as "transcribe nothing" (the target is <EOS> alone),
+    # e.g. non-speech clips (synth --train-mix nonspeech=S); off, such rows are skipped and
+    # counted as bad ones.
+    train_empty_text: bool = False
 
 
 # --------------------------------------------------------------------------- stages

@@ -133,11 +133,13 @@ def read_manifest(
     strict: bool = False,
     check_audio: bool = True,
     skips: SkipCounter | None = None,
+    allow_empty_text: bool = False,
 ) -> tuple[list[Utterance], SkipCounter]:
     """Usable rows of a JSONL manifest or a Lhotse CutSet, and the count of rows left out.
 
     Checks here are the cheap ones: JSON, fields and their types, UTF-8, duplicate ids, empty
-    text (``training`` only), a ``duration`` above ``max_duration`` seconds (the longest
+    text (``training`` only, unless ``allow_empty_text``: clips that should be transcribed as
+    nothing, such as non-speech), a ``duration`` above ``max_duration`` seconds (the longest
     utterance kept), a text longer than ``MAX_TEXT_CHARS_PER_SECOND`` x duration +
     ``TEXT_CHARS_SLACK`` characters, a relative audio path that leaves the manifest's folder and,
     with ``check_audio``, that the audio file exists. The rest needs the audio decoded and
@@ -159,7 +161,7 @@ def read_manifest(
             row_id = str(row.get("id", ""))
             utt = (_row_from_cut if is_cuts else _row_from_manifest)(row, path, where)
             row_id = utt.id
-            _check_row(utt, training, max_duration, check_audio, seen)
+            _check_row(utt, training and not allow_empty_text, max_duration, check_audio, seen)
         except _BadRow as bad:
             if strict:
                 raise ManifestError(f"{where} (id={row_id or '?'}): {bad.reason}"
@@ -310,13 +312,13 @@ def _check_utf8(key: str, value: str) -> None:
 
 
 def _check_row(
-    utt: Utterance, training: bool, max_duration: float, check_audio: bool, seen: set[str]
+    utt: Utterance, needs_text: bool, max_duration: float, check_audio: bool, seen: set[str]
 ) -> None:
     if not utt.id or not utt.language:
         raise _BadRow("missing field", "id" if not utt.id else "language")
     if utt.id in seen:
         raise _BadRow("duplicate id", utt.id)
-    if training and not utt.text.strip():
+    if needs_text and not utt.text.strip():
         raise _BadRow("empty text", repr(utt.text))
     if utt.duration == 0.0:
         raise _BadRow("zero-length audio", "duration is 0")
@@ -768,7 +770,7 @@ def make_dataloader(
     for manifest in manifests:
         rows, _ = read_manifest(manifest, training=training,
                                 max_duration=cfg.max_utterance_duration, strict=cfg.strict,
-                                skips=skips)
+                                skips=skips, allow_empty_text=cfg.train_empty_text)
         utterances += rows
     if not utterances:
         raise ManifestError(f"no usable utterances in {[str(m) for m in manifests]}: "
