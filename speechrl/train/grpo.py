@@ -106,6 +106,9 @@ class Rollout:
     # and reused by every log-prob pass and update of the step; None: re-encode (trainable).
     frames: torch.Tensor | None = None
     frame_lengths: torch.Tensor | None = None
+    # The decoder's own log-prob of each candidate token when it was sampled (B*G, T): the
+    # update's log-probs should equal it up to rounding (logged as train/logp_gap).
+    sample_logp: torch.Tensor | None = None
 
     @property
     def num_audios(self) -> int:
@@ -369,6 +372,7 @@ def sample_groups(run: Run, policy, batch, reward_fn, step_seed: int | None,
         input_lengths=batch.input_lengths,
         frames=frames.float() if frozen else None,
         frame_lengths=frame_lengths if frozen else None,
+        sample_logp=_pad_width(result.logprobs.to(run.device), tokens.shape[1]),
         refs=list(batch.texts),
         languages=list(batch.languages),
         tokens=tokens,
@@ -393,6 +397,11 @@ def pad_candidates(tokens: list[list[int]], pad_id: int,
     return ids.to(device), mask.to(device)
 
 
+def _pad_width(t: torch.Tensor, width: int) -> torch.Tensor:
+    """(R, T) -> (R, width): zero-padded on the right (or cut)."""
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]))[:, :width]
+
+
 def select_audios(r: Rollout, keep: list[int]) -> Rollout:
     G = r.rewards.shape[1]
     rows = [b * G + g for b in keep for g in range(G)]
@@ -403,6 +412,7 @@ def select_audios(r: Rollout, keep: list[int]) -> Rollout:
         input_lengths=r.input_lengths.index_select(0, idx),
         frames=None if r.frames is None else r.frames.index_select(0, idx),
         frame_lengths=None if r.frames is None else r.frame_lengths.index_select(0, idx),
+        sample_logp=None if r.sample_logp is None else r.sample_logp.index_select(0, ridx),
         refs=[r.refs[b] for b in keep],
         languages=[r.languages[b] for b in keep],
         tokens=r.tokens.index_select(0, ridx),
@@ -424,6 +434,8 @@ def concat_rollouts(parts: list[Rollout], G: int) -> Rollout:
         input_lengths=torch.cat([p.input_lengths for p in parts]),
         frames=_cat_padded([p.frames for p in parts]) if kept else None,
         frame_lengths=torch.cat([p.frame_lengths for p in parts]) if kept else None,
+        sample_logp=(_cat_padded([p.sample_logp for p in parts])
+                     if all(p.sample_logp is not None for p in parts) else None),
         refs=sum((p.refs for p in parts), []),
         languages=sum((p.languages for p in parts), []),
         tokens=_cat_padded([p.tokens for p in parts], value=0),
@@ -518,8 +530,11 @@ def policy_update(run: Run, policy, optimizer, rollout: Rollout, advantages: tor
     with torch.no_grad():
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         entropy = (entropy * rollout.mask).sum() / rollout.mask.sum().clamp(min=1)
-    stats = distributed.weighted_mean({**stats, "entropy": entropy.item()},
-                                      weight=rollout.mask.sum().item())
+        stats["entropy"] = entropy.item()
+        if rollout.sample_logp is not None:  # the rollout's log-probs against the update's
+            gap = (logp.detach() - rollout.sample_logp).abs().masked_fill(~rollout.mask, 0.0)
+            stats["logp_gap"] = (gap.sum() / rollout.mask.sum().clamp(min=1)).item()
+    stats = distributed.weighted_mean(stats, weight=rollout.mask.sum().item())
     stats.update({"loss": distributed.all_reduce_sum([loss.item()])[0], "grad_norm": grad_norm})
     return stats
 
