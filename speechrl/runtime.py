@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import platform
 import sys
 import warnings
@@ -61,6 +62,12 @@ def check_precision(precision: str, key: str = "train.precision") -> str:
     return precision
 
 
+# Set to 0 or 1 to override the probe: 0 makes ``auto`` fp32 on any CPU (the test suite does
+# this, so its figures do not depend on the machine; it also times a CPU without native bf16
+# on one that has it), 1 makes it bf16.
+CPU_BF16_ENV = "SPEECHRL_CPU_BF16"
+
+
 @functools.cache
 def cpu_bf16_support() -> tuple[bool, str]:
     """(whether this CPU computes bf16 natively, how that was found).
@@ -68,8 +75,11 @@ def cpu_bf16_support() -> tuple[bool, str]:
     oneDNN's own probe (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) says whether it can run
     bf16 at all, which includes emulating it on any AVX512 CPU; the CPU's feature flags then say
     whether there are instructions for it. Where the flags cannot be read (not Linux), oneDNN's
-    answer stands.
+    answer stands. ``SPEECHRL_CPU_BF16=0|1`` overrides it all.
     """
+    forced = os.environ.get(CPU_BF16_ENV)
+    if forced in ("0", "1"):
+        return forced == "1", f"{CPU_BF16_ENV}={forced} in the environment"
     if not torch.backends.mkldnn.is_available():
         return False, "this PyTorch build has no oneDNN, so bf16 on the CPU would be emulated"
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():

@@ -3,6 +3,7 @@ tiny SpeechLLM around them (conformer encoder), all on CPU and built in well und
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from speechrl.config import EncoderConfig, LLMConfig, ModelConfig, ProjectorConfig
 from speechrl.model import SpeechLLM
 from speechrl.tokenizer import SpeechTokenizer, train_bpe
+
+# precision auto means fp32 on every CPU in the tests, and in the commands they start, so that
+# their figures do not depend on whether the machine computes bf16 natively; the tests of bf16
+# and of the probe itself ask for them explicitly (tests/test_runtime.py).
+os.environ["SPEECHRL_CPU_BF16"] = "0"
 
 TINY_TEXTS = [
     "the cat sat on the mat",

@@ -89,6 +89,7 @@ def test_a_typo_is_refused_when_the_config_is_built():
 
 
 def test_the_probe_reads_the_cpu_flags(tmp_path, monkeypatch):
+    monkeypatch.delenv(runtime.CPU_BF16_ENV, raising=False)  # conftest forces fp32
     # x86 flags of a CPU with AVX512 (oneDNN would run bf16, emulated) but no AVX512-BF16
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n")
@@ -107,5 +108,18 @@ def test_the_probe_reads_the_cpu_flags(tmp_path, monkeypatch):
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
         runtime.cpu_bf16_support.cache_clear()
         assert runtime.cpu_bf16_support()[0] is False
+    finally:
+        runtime.cpu_bf16_support.cache_clear()
+
+
+def test_the_environment_overrides_the_probe(monkeypatch):
+    runtime.cpu_bf16_support.cache_clear()
+    try:
+        monkeypatch.setenv(runtime.CPU_BF16_ENV, "0")
+        assert runtime.cpu_bf16_support() == (False, "SPEECHRL_CPU_BF16=0 in the environment")
+        assert runtime.resolve_precision("auto", "cpu").name == "fp32"
+        runtime.cpu_bf16_support.cache_clear()
+        monkeypatch.setenv(runtime.CPU_BF16_ENV, "1")
+        assert runtime.resolve_precision("auto", "cpu").name == "bf16"
     finally:
         runtime.cpu_bf16_support.cache_clear()
