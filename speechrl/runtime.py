@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 
 from speechrl import distributed
-
-PRECISIONS = ("auto", "fp32", "bf16")
+from speechrl.config import PRECISIONS, check_precision  # noqa: F401 (kept torch-free in config)
 
 # CPU feature flags (as /proc/cpuinfo names them) that give bf16 matmuls their own instructions.
 _NATIVE_BF16_FLAGS = {"x86": ("avx512_bf16", "amx_bf16"), "arm": ("bf16",)}
@@ -50,15 +49,6 @@ class Precision:
     def describe(self) -> str:
         """One line for the start of a stage, e.g. ``precision fp32 (auto: ...)``."""
         return f"precision {self.name} ({self.requested}: {self.reason})"
-
-
-def check_precision(precision: str, key: str = "train.precision") -> str:
-    """``precision`` if it is one of :data:`PRECISIONS`, else a ValueError naming them."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"{key}={precision!r} is not a precision; use one of "
-                         f"{', '.join(PRECISIONS)} (auto: bf16 on a GPU or on a CPU that "
-                         "computes bf16 natively, fp32 otherwise)")
-    return precision
 
 
 @functools.cache

@@ -227,7 +227,7 @@ def test_sft_speech_ctc_weight_trains_the_projector_on_the_ctc_loss(tmp_path, to
     b = load_file(str(ctc / "model.safetensors"))
     assert not torch.equal(a["projector.net.weight"], b["projector.net.weight"])
     assert np.mean(ctc_losses[-5:]) < 0.8 * np.mean(ctc_losses[:5])
-    with pytest.raises(ValueError, match="must be >= 0, got -0.5 and 0"):
+    with pytest.raises(ValueError, match=r"train.speech_ctc_weight=-0.5 must be >= 0"):
         run("negative", -0.5, 1)
 
 def test_lm_pretraining_loss_falls(tmp_path, tone_corpus):

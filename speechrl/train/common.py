@@ -33,9 +33,8 @@ from speechrl.runtime import announce_precision, autocast, say  # noqa: F401 (th
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps``, checked against this machine."""
+    return distributed.checked_device(name)
 
 
 def seed_everything(seed: int) -> None:

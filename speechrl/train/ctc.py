@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from speechrl import distributed
-from speechrl.config import RunConfig
+from speechrl.config import RunConfig, check_stage
 from speechrl.train.common import (
     Run,
     TrainerState,
@@ -103,9 +103,7 @@ def train_ctc(cfg: RunConfig) -> Path:
     from speechrl.encoders import ConformerEncoder
     from speechrl.train.lm import corpus_texts
 
-    if cfg.model.encoder.kind != "conformer":
-        raise ValueError("pretrain-encoder trains the built-in encoder (model.encoder.kind="
-                         "conformer); Hugging Face encoders come pre-trained")
+    check_stage(cfg, "pretrain-encoder")  # before anything is loaded or written
     run = start_run(cfg, "pretrain-encoder")
     vocab = CharVocabulary.from_texts(corpus_texts(cfg.data.train), cfg.ctc.min_char_count)
     # Trained here, frozen in the later stages (which load it with freeze=true).

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from speechrl import distributed
-from speechrl.config import GRPOConfig, RunConfig
+from speechrl.config import GRPOConfig, RunConfig, check_stage
 from speechrl.losses import PRESETS, group_advantages, informative_groups, policy_loss
 from speechrl.train.common import (
     Run,
@@ -108,10 +108,9 @@ class Rollout:
 
 
 def train_grpo(cfg: RunConfig) -> Path:
+    check_stage(cfg, "grpo")  # before anything is loaded or written
     grpo = resolve_algorithm(cfg.grpo)
     cfg = dataclasses.replace(cfg, grpo=grpo)
-    if not cfg.train.init:
-        raise ValueError("GRPO starts from a trained model: set train.init=<SFT checkpoint>")
     run = start_run(cfg, "grpo")
     plain = load_or_build_model(cfg, run.device)
     reference = None

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from speechrl import distributed
-from speechrl.config import RunConfig
+from speechrl.config import RunConfig, check_stage
 from speechrl.train.common import (
     Run,
     TrainerState,
@@ -84,6 +84,7 @@ def collate_sequences(sequences: list[list[int]], pad_id: int) -> tuple[torch.Te
 def train_lm(cfg: RunConfig) -> Path:
     from speechrl.model import build_llm
 
+    check_stage(cfg, "pretrain-lm")  # before anything is loaded or written
     run = start_run(cfg, "pretrain-lm")
     texts = corpus_texts(cfg.data.train, cfg.lm.text)
     if not texts:

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 
 from speechrl import distributed
-from speechrl.config import RunConfig
+from speechrl.config import RunConfig, check_stage
 from speechrl.losses import sft_loss, speech_ctc_loss
 from speechrl.train.common import (
     Run,
@@ -49,10 +49,7 @@ from speechrl.train.speech import (
 
 
 def train_sft(cfg: RunConfig) -> Path:
-    if cfg.train.speech_ctc_weight < 0 or cfg.train.llm_frozen_steps < 0:
-        raise ValueError(
-            f"train.speech_ctc_weight and train.llm_frozen_steps must be >= 0, got "
-            f"{cfg.train.speech_ctc_weight} and {cfg.train.llm_frozen_steps}")
+    check_stage(cfg, "sft")  # before anything is loaded or written
     run = start_run(cfg, "sft")
     plain = load_or_build_model(cfg, run.device)
     train_loader, dev_loader = speech_loaders(cfg, plain, run.world.rank, run.world.world_size)
