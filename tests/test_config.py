@@ -1,9 +1,14 @@
 """config.py: every option checked when the config is built, with the key, what it accepts and
-the closest key or value in the message; what each stage needs."""
+the closest key or value in the message; what each stage needs; the checks a resumed run makes
+against the settings of the run it resumes."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+import torch
 
 from speechrl.config import (
     CHOICES,
@@ -14,6 +19,7 @@ from speechrl.config import (
     TrainConfig,
     check_stage,
     load_run_config,
+    to_dict,
 )
 
 
@@ -145,3 +151,70 @@ def test_a_library_user_gets_the_same_checks():
         TrainConfig(schedule="cosin")
     with pytest.raises(ConfigError, match="data.train is empty"):
         check_stage(RunConfig(), "sft")
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def recorded(tmp_path: Path, cfg: RunConfig, stage: str = "sft") -> Path:
+    """An output folder as a run leaves it: its settings, and a resumable ``last``."""
+    out = tmp_path / "run"
+    (out / "last").mkdir(parents=True)
+    (out / "last" / "trainer_state.json").write_text('{"step": 5}')
+    (out / f"{stage}_config.json").write_text(json.dumps(to_dict(cfg)))
+    return out
+
+
+def test_resume_refuses_changed_settings_naming_each_key(tmp_path):
+    from speechrl.train.common import check_resumed_settings
+
+    old = RunConfig(train=TrainConfig(lr=1e-4, max_steps=5))
+    out = recorded(tmp_path, old)
+    new = RunConfig(train=TrainConfig(lr=1e-2, max_steps=6, warmup_steps=7))
+    with pytest.raises(ConfigError) as err:
+        check_resumed_settings(new, "sft", out)
+    assert str(err.value) == (
+        f"{out / 'last'} was trained with other settings: train.lr 0.0001 -> 0.01, "
+        "train.warmup_steps 100 -> 7; these cannot change when a run resumes: give the old "
+        "values to resume it, or start afresh with a new train.output_dir")
+
+
+def test_resume_accepts_cadence_and_a_constant_schedules_lr_and_says_so(tmp_path, capsys):
+    from speechrl.train.common import check_resumed_settings
+
+    old = RunConfig(train=TrainConfig(lr=1e-4, schedule="constant", max_steps=5))
+    out = recorded(tmp_path, old)
+    new = RunConfig(train=TrainConfig(lr=1e-2, schedule="constant", max_steps=6,
+                                      eval_every=3, device="cpu"))
+    check_resumed_settings(new, "sft", out)
+    assert capsys.readouterr().err == (
+        "sft: resuming with train.device 'auto' -> 'cpu', train.lr 0.0001 -> 0.01, "
+        "train.max_steps 5 -> 6, train.eval_every 200 -> 3 (the constant schedule's new rate "
+        "applies from the next step)\n")
+
+
+def test_a_resumed_constant_schedule_takes_the_new_lr(tmp_path):
+    """The scheduler's saved state holds the old peak rate: the new one replaces it, at the
+    step's factor (here the third of 4 warm-up steps)."""
+    from speechrl.train.common import build_optimizer, build_scheduler, use_configured_lr
+
+    model = torch.nn.Linear(2, 2)
+    old_cfg = TrainConfig(lr=1e-4, schedule="constant", warmup_steps=4)
+    optimizer = build_optimizer(model, old_cfg)
+    scheduler = build_scheduler(optimizer, old_cfg)
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+    state = scheduler.state_dict()
+    new_cfg = TrainConfig(lr=1e-2, schedule="constant", warmup_steps=4)
+    optimizer = build_optimizer(model, new_cfg)
+    scheduler = build_scheduler(optimizer, new_cfg)
+    scheduler.load_state_dict(state)
+    assert scheduler.base_lrs == [1e-4, 1e-4]  # what resuming used to train on
+    use_configured_lr(optimizer, scheduler, new_cfg, tmp_path)
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-2 * 3 / 4] * 2
+    scheduler.step()
+    assert scheduler.get_last_lr() == [1e-2, 1e-2]  # warm-up done: the new peak
+    cosine = TrainConfig(lr=1e-3)
+    with pytest.raises(ConfigError, match=r"train.lr=0.01 under a cosine schedule"):
+        use_configured_lr(optimizer, scheduler, cosine, tmp_path)
