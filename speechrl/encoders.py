@@ -84,12 +84,14 @@ class LayerWeightedSum(nn.Module):
 class SpeechEncoder(nn.Module):
     """What the model sees of an encoder: a backbone's hidden states, combined and masked.
 
-    Concrete encoders set ``input_kind`` and ``output_dim`` and define
+    Concrete encoders set ``input_kind`` and ``output_dim`` (and ``n_mels``, the mel bins of
+    their log-mel input, which the data must be computed with) and define
     ``hidden_states(inputs, lengths, all_layers) -> (list of (B, N', D), frame_lengths)``.
     """
 
     input_kind: str
     output_dim: int
+    n_mels: int | None = None  # None: the encoder takes the waveform
 
     def __init__(self, layers: Sequence[int] | None, num_hidden_states: int) -> None:
         super().__init__()
@@ -299,6 +301,7 @@ class ConformerEncoder(SpeechEncoder):
         # The architecture alone: what save_pretrained records and from_pretrained rebuilds.
         self.arch = {k: getattr(cfg, k) for k in CONFORMER_CONFIG_FIELDS}
         self.output_dim = d_model
+        self.n_mels = cfg.n_mels
         self.subsampling = Conv2dSubsampling(cfg.n_mels, d_model, cfg.subsampling_channels)
         self.rope = RotaryPositions(d_model // n_heads)
         self.blocks = nn.ModuleList(
