@@ -138,6 +138,10 @@ def autocast(device: torch.device, precision: str | Precision = "auto"
 
 
 def say(message: str) -> None:
-    """One line for the person at the terminal (stderr keeps stdout for results); rank 0 only."""
+    """One line for the person at the terminal (stderr keeps stdout for results); rank 0 only.
+    Written through tqdm, which clears a progress bar's line first and redraws the bar below."""
+    from tqdm.auto import tqdm
+
     if distributed.is_main():
-        print(message, file=sys.stderr, flush=True)
+        tqdm.write(message, file=sys.stderr)
+        sys.stderr.flush()
