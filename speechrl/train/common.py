@@ -320,14 +320,16 @@ def start_run(cfg: RunConfig, stage: str) -> Run:
     return Run(cfg, stage, output_dir, world.device, MetricsLogger(output_dir), world)
 
 
-# Settings a resumed run may change: how long it runs, how often it measures, saves and logs,
+# Settings a resumed run may change: how long it runs; how often and on what it measures
+# (a changed dev set only moves the bar the best checkpoint so far is held to), saves and logs;
 # where its output goes and what it runs on. Any other change would continue one experiment
 # with another's settings; the learning rate may change only under a constant schedule (the
 # only one whose rate is the same number at every step after warm-up).
 RESUMABLE_SETTINGS = frozenset({
     "train.max_steps", "train.eval_every", "train.save_every", "train.log_every",
-    "train.max_nonfinite_steps", "train.output_dir", "train.resume", "train.device",
-    "train.parallel", "data.num_workers", "model.trust_remote_code",
+    "data.dev", "train.dev_utterances", "train.max_nonfinite_steps", "train.output_dir",
+    "train.resume", "train.device", "train.parallel", "data.num_workers",
+    "model.trust_remote_code",
 })
 
 
