@@ -204,7 +204,8 @@ def run_command(args: argparse.Namespace) -> int:
 # imported cannot have been raised, and importing it (torch) only to check would be slow.
 _EXPECTED = (("speechrl.config", "ConfigError", 2), ("speechrl.config", "InputError", 1),
              ("speechrl.checkpoint", "CheckpointError", 1), ("speechrl.data", "ManifestError", 1),
-             ("speechrl.audio", "AudioError", 1))
+             ("speechrl.audio", "AudioError", 1),
+             ("builtins", "FileNotFoundError", 1))  # a path given that is not there
 
 
 def _class(module: str, name: str) -> type | None:
@@ -262,7 +263,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _transcribe(args)
 
     if command == "demo":
-        from speechrl.evaluate import check_output_folder
+        from speechrl.config import check_output_folder
 
         check_output_folder(args.out, "--out")
         from speechrl.demo import run_demo
@@ -281,7 +282,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _check_synth_arguments(args: argparse.Namespace) -> None:
-    from speechrl.evaluate import check_output_folder
+    from speechrl.config import check_output_folder
     from speechrl.textgen import LANGUAGES
 
     langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()]

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -423,6 +424,7 @@ def check_stage(cfg: RunConfig, stage: str, *, source: str | None = None,
     if missing:
         overridden = set(_leaf_keys(parse_overrides(list(overrides))))
         raise InputError(_missing_message(missing, source, overridden))
+    check_output_folder(cfg.train.output_dir, "train.output_dir")
 
 
 def _check_settings(cfg: RunConfig, stage: str) -> None:
@@ -506,6 +508,20 @@ def missing_inputs(cfg: RunConfig, stage: str) -> list[tuple[str, str]]:
                        ("model.tokenizer", cfg.model.tokenizer),
                        ("model.encoder.path", cfg.model.encoder.path)]
     return [(key, path) for key, path in inputs if path and not Path(path).exists()]
+
+
+def check_output_folder(path: str | Path, what: str) -> None:
+    """``path`` is a folder, or one can be made there: no file in the way, a writable parent.
+    ``what`` names the option in the message (``--out``)."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise InputError(f"{what} {path}: {folder} is a file, not a folder; give a "
+                                 "folder (it is made if missing)")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise InputError(f"{what} {path}: {folder} is not writable")
+            return
 
 
 def _missing_message(missing: list[tuple[str, str]], source: str | None,

@@ -161,9 +161,11 @@ def barrier() -> None:
 
 def per_rank(global_size: int, what: str) -> int:
     """A global batch size split evenly over the ranks; an uneven split is refused."""
+    from speechrl.config import ConfigError
+
     size = world_size()
     if global_size % size:
-        raise ValueError(f"{what}={global_size} is the global batch size and must divide by "
+        raise ConfigError(f"{what}={global_size} is the global batch size and must divide by "
                          f"the {size} ranks; use a multiple of {size}")
     return global_size // size
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from speechrl.config import ConfigError, InputError, device_error
+from speechrl.config import ConfigError, InputError, check_output_folder, device_error
 
 if TYPE_CHECKING:
     from speechrl.report import Hypothesis, ReportPaths, Section
@@ -206,20 +205,6 @@ def check_eval_inputs(checkpoints: Mapping[str, str | Path], sets: Mapping[str, 
 
     for path in checkpoints.values():
         check_folder(path)
-
-
-def check_output_folder(path: str | Path, what: str) -> None:
-    """``path`` is a folder, or one can be made there: no file in the way, a writable parent.
-    ``what`` names the option in the message (``--out``)."""
-    path = Path(path)
-    for folder in (path, *path.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise InputError(f"{what} {path}: {folder} is a file, not a folder; give a "
-                                 "folder (it is made if missing)")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise InputError(f"{what} {path}: {folder} is not writable")
-            return
 
 
 def save_decoded(out_dir: str | Path, results: Mapping[str, Mapping[str, Sequence[Hypothesis]]],

@@ -109,6 +109,9 @@ BEFORE_ANY_WORK = [
      "(see speechrl eval --help)"),
     (["transcribe", "a.wav"], 2, "speechrl transcribe: the following arguments are required: "
                                  "--checkpoint (see speechrl transcribe --help)"),
+    (["pretrain-lm", "data.train=[a_file]", "data.dev=[]", "train.output_dir=a_file/run"], 1,
+     "pretrain-lm: train.output_dir a_file/run: a_file is a file, not a folder; give a folder "
+     "(it is made if missing)"),
     (["demo", "--out", "a_file/demo"], 1,
      "demo: --out a_file/demo: a_file is a file, not a folder; give a folder (it is made if "
      "missing)"),
@@ -254,7 +257,8 @@ def test_eval_names_best_checkpoints_by_their_run_and_keeps_what_it_decoded(done
                                   cwd=tmp_path)
     report = tmp_path / "report"
     assert code == 1 and out == ""
-    [line] = [m for m in messages(err) if m.startswith("eval:")]
+    [line] = [m for m in messages(err) if m.startswith("eval:")
+              and not m.startswith("eval: precision ")]  # (the line saying which it chose)
     assert line.startswith(f"eval: {Path('grpo/best/model.safetensors')} is unreadable")
     assert line.endswith(f"; what was decoded before is in {Path('report/report.md')}")
     results = json.loads((report / "report.json").read_text())["results"]

@@ -131,7 +131,7 @@ def train_ctc(cfg: RunConfig) -> Path:
     batches = endless_batches(train_loader, state)
 
     bar = progress(cfg.train.max_steps, state.step, "pretrain-encoder")
-    with stop_on_signals() as stop:
+    with bar, stop_on_signals() as stop:  # the bar closes also when a stopped run raises
         while state.step < cfg.train.max_steps:
             batch = next(batches).to(run.device)
             utterances = distributed.all_reduce_sum([len(batch)])[0]
@@ -151,7 +151,6 @@ def train_ctc(cfg: RunConfig) -> Path:
                 stop_if_needed(run, stop, model, optimizer, scheduler, state,
                                save=lambda: save_ctc(run, model, vocab, optimizer, scheduler,
                                                      state))
-    bar.close()
     run.logger.close()
     return run.output_dir / "encoder"
 

@@ -128,7 +128,7 @@ def train_grpo(cfg: RunConfig) -> Path:
     reward_fn = build_reward_fn(grpo)
 
     bar = progress(cfg.train.max_steps, state.step, f"grpo ({grpo.algorithm})")
-    with stop_on_signals() as stop:
+    with bar, stop_on_signals() as stop:  # the bar closes also when a stopped run raises
         while state.step < cfg.train.max_steps:
             # Sampling seeds derive from the seed and the step (and each audio's id), which keeps
             # a resumed run exact without saving any generator.
@@ -152,7 +152,6 @@ def train_grpo(cfg: RunConfig) -> Path:
                 save_training_checkpoint(run, policy, optimizer, scheduler, state)
             if not end:  # a signal, or too many non-finite steps: save, then stop
                 stop_if_needed(run, stop, policy, optimizer, scheduler, state)
-    bar.close()
     run.logger.close()
     report_skips(run)
     return run.best_dir if run.best_dir.exists() else run.last_dir

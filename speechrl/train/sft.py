@@ -62,7 +62,7 @@ def train_sft(cfg: RunConfig) -> Path:
     cache = EncoderOutputCache(model, cfg) if cfg.train.cache_encoder_outputs else None
 
     bar = progress(cfg.train.max_steps, state.step, "sft")
-    with stop_on_signals() as stop:
+    with bar, stop_on_signals() as stop:  # the bar closes also when a stopped run raises
         while state.step < cfg.train.max_steps:
             stats = sft_step(run, model, optimizer, batches, state, cache)
             scheduler.step()
@@ -80,7 +80,6 @@ def train_sft(cfg: RunConfig) -> Path:
                 save_training_checkpoint(run, model, optimizer, scheduler, state)
             if not end:  # a signal, or too many non-finite steps: save, then stop
                 stop_if_needed(run, stop, model, optimizer, scheduler, state)
-    bar.close()
     run.logger.close()
     report_skips(run, train=train_loader, dev=dev_loader)
     return run.best_dir if run.best_dir.exists() else run.last_dir

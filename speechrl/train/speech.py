@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from speechrl import distributed
-from speechrl.config import RunConfig
+from speechrl.config import ConfigError, RunConfig
 from speechrl.losses import sft_loss
 from speechrl.train.common import (
     Run,
@@ -77,10 +77,10 @@ class EncoderOutputCache:
     def __init__(self, model, cfg: RunConfig) -> None:
         encoder = distributed.unwrap(model).encoder
         if any(p.requires_grad for p in encoder.parameters()):
-            raise ValueError("train.cache_encoder_outputs needs a fully frozen encoder (no "
+            raise ConfigError("train.cache_encoder_outputs needs a fully frozen encoder (no "
                              "trainable parameters, e.g. no learned layer weighting)")
         if cfg.data.augment:
-            raise ValueError("train.cache_encoder_outputs cannot be used with data.augment: "
+            raise ConfigError("train.cache_encoder_outputs cannot be used with data.augment: "
                              "augmented audio changes every epoch")
         self.frames: dict[str, torch.Tensor] = {}
         self.encoded = 0  # utterances put through the encoder
