@@ -272,6 +272,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         try:
             with _signals_stop_the_demo():
                 report = run_demo(args.out, quick=args.quick, precision=args.precision)
+        except ConfigError as err:  # a stage's settings differ from those it would resume
+            raise ConfigError(f"{err} (for the demo: a new --out)") from err
         except RunStopped as stopped:
             again = (f"speechrl demo --out {args.out}" + (" --quick" if args.quick else "")
                      + (f" --precision {args.precision}" if args.precision != "auto" else ""))

@@ -278,6 +278,23 @@ def test_transcribe_reports_each_bad_file_and_transcribes_the_rest(done, tmp_pat
                              f"transcribe: {short}: too short (0.050 s < 0.1 s)"]
 
 
+def test_a_demo_stage_that_cannot_resume_says_to_use_a_new_out(tmp_path, monkeypatch, capsys):
+    """A stage's settings that differ from those it would resume (a demo restarted at another
+    scale or precision): the line ends with what starting afresh means for the demo."""
+    from speechrl import cli, demo
+    from speechrl.config import ConfigError
+
+    def refuse(*args, **kwargs):
+        raise ConfigError("runs/x/sft/last was trained with other settings: train.warmup_steps "
+                          "30 -> 100; ... or start afresh with a new train.output_dir")
+
+    monkeypatch.setattr(demo, "run_demo", refuse)
+    assert cli.main(["demo", "--out", str(tmp_path / "demo")]) == 2
+    assert capsys.readouterr().err == (
+        "demo: runs/x/sft/last was trained with other settings: train.warmup_steps 30 -> 100; "
+        "... or start afresh with a new train.output_dir (for the demo: a new --out)\n")
+
+
 def test_demo_stopped_by_sigterm_exits_143_with_how_to_resume(done, tmp_path):
     """The demo's pre-training stage stopped by SIGTERM: the stage saves and stops, and the
     demo says how to go on. (Data: the tone corpus in place of the synthetic one.)"""
