@@ -112,7 +112,7 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
     after some decoding (a checkpoint whose weights turn out corrupt, a set with no usable row,
     an interruption) still writes the report of what was decoded, and its message says where.
     """
-    check_eval_inputs(checkpoints, sets, out_dir, training_metrics)
+    check_eval_inputs(checkpoints, sets, out_dir, training_metrics, device=device)
     from speechrl import distributed
     from speechrl.checkpoint import CheckpointError, load_model
     from speechrl.data import ManifestError, SkipCounter
@@ -183,10 +183,12 @@ def _provenance(checkpoints, sets, beam: int, precision, normalizer: str, option
 
 def check_eval_inputs(checkpoints: Mapping[str, str | Path], sets: Mapping[str, str | Path],
                       out_dir: str | Path,
-                      training_metrics: Mapping[str, str | Path] | None = None) -> None:
+                      training_metrics: Mapping[str, str | Path] | None = None, *,
+                      device: str = "auto") -> None:
     """Everything an evaluation reads or writes, checked before any decoding: the output folder
-    can be made, every manifest and metrics file exists (and the metrics parse), every
-    checkpoint folder is complete. Raises :class:`~speechrl.config.InputError` (or
+    can be made, every manifest and metrics file exists (and the metrics parse), the device is
+    there, every checkpoint folder is complete (in that order: the file checks need no torch).
+    Raises :class:`~speechrl.config.InputError` (or
     :class:`~speechrl.checkpoint.CheckpointError`) naming the first problem."""
     check_output_folder(out_dir, "--out")
     for set_name, manifest in sets.items():
@@ -201,6 +203,9 @@ def check_eval_inputs(checkpoints: Mapping[str, str | Path], sets: Mapping[str, 
             read_metrics(metrics)
         except (OSError, UnicodeDecodeError, ValueError) as err:
             raise InputError(f"--metrics {run}: {err}") from err
+    from speechrl.distributed import checked_device
+
+    checked_device(device)
     from speechrl.checkpoint import check_folder
 
     for path in checkpoints.values():
