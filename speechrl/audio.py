@@ -17,12 +17,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
 import soxr
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the feature functions that need it: the synthetic corpus (and the
+# command line's --help, which lists synth's options) need only numpy.
 
 SAMPLE_RATE = 16000
 FEATURE_KINDS = ("fbank", "whisper", "waveform")
@@ -139,6 +144,8 @@ def features(
     wave: np.ndarray, kind: str, sample_rate: int = SAMPLE_RATE, n_mels: int = 80
 ) -> torch.Tensor:
     """(S,) -> (N, n_mels) log-mel for ``"fbank"`` / ``"whisper"``, or (S,) for ``"waveform"``."""
+    import torch
+
     _check_kind(kind)
     if kind == "fbank":
         return log_mel(wave, sample_rate, n_mels)
@@ -161,6 +168,9 @@ def log_mel(wave: np.ndarray, sample_rate: int = SAMPLE_RATE, n_mels: int = 80) 
     N = 1 + (S - window) // hop; a clip shorter than one window is zero-padded to one frame.
     Mel filters are triangles on the HTK mel scale from 20 Hz to the Nyquist frequency.
     """
+    import torch
+    import torch.nn.functional as F
+
     window = round(0.025 * sample_rate)
     hop = round(0.010 * sample_rate)
     n_fft = 1 << (window - 1).bit_length()
@@ -182,6 +192,9 @@ def whisper_log_mel(wave: np.ndarray, n_mels: int = 80) -> torch.Tensor:
     log10 with a 1e-10 floor, clamped to (max - 8), then (x + 4) / 4. The max is the clip's own,
     so the features of an utterance do not depend on what else is in its batch.
     """
+    import torch
+    import torch.nn.functional as F
+
     n_fft, hop = 400, 160
     x = torch.as_tensor(np.asarray(wave, dtype=np.float32))
     num_frames = max(x.numel() // hop, 1)

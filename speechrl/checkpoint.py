@@ -223,7 +223,7 @@ def load_model(
     value saved in the checkpoint never switches it on by itself. Any file of the folder that is
     missing, not JSON, truncated or at odds with the rest raises :class:`CheckpointError` naming
     it."""
-    path = _check_folder(path)
+    path = check_folder(path)
     manifest = _read_json(path / MANIFEST)
     for config_file in sorted(path.glob("*/*.json")):  # a clear message before HF's own
         _read_json(config_file)
@@ -322,7 +322,9 @@ def _torch_load_error(err: Exception) -> str:
     return " ".join(text.split())[:300]
 
 
-def _check_folder(path: str | Path) -> Path:
+def check_folder(path: str | Path) -> Path:
+    """``path`` as a Path when it is a checkpoint folder with every required file; else
+    :class:`CheckpointError` naming what is missing. Reads nothing."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint folder at {path}")

@@ -9,8 +9,14 @@ Changes to a frozen config go through :func:`dataclasses.replace` or :func:`appl
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
+import math
+import os
+import re
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +24,99 @@ from typing import Any
 import yaml
 
 PACKAGE_CONFIG_DIR = Path(__file__).parent / "configs"  # a link to the repository's configs/
+
+
+class ConfigError(ValueError):
+    """A mistake in a preset, a YAML file or a ``key=value`` override: the message names the key
+    and what it accepts. Raised while the config is built, before any work; the command line
+    prints it as one line and exits 2."""
+
+
+class InputError(RuntimeError):
+    """Something a command names cannot be used: a missing file or folder, an output folder that
+    is a file, a device this machine lacks. The command line prints it as one line and exits 1."""
+
+
+# The values of each enumerated option. The modules that implement them keep their own tuples
+# (losses.SCALES, distributed.STRATEGIES, ...; tests/test_config.py checks that they agree):
+# they are spelt out here so that a config is checked without importing torch.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.encoder.kind": ("conformer", "whisper", "hubert", "wavlm", "wav2vec2"),
+    "model.projector.kind": ("linear", "mlp"),
+    "model.llm.preset": ("tiny", "small", "paper-2b", "paper-8b"),
+    "model.llm.dtype": ("float32", "bfloat16", "float16"),
+    "data.features": ("fbank", "whisper", "waveform"),
+    "train.schedule": ("constant", "cosine"),
+    "train.parallel": ("ddp", "fsdp2"),
+    "grpo.algorithm": ("grpo", "dapo", "dr_grpo"),
+    "grpo.strategy": ("sample", "beam"),  # greedy would give G identical candidates
+    "grpo.scale": ("group", "batch", "none"),
+    "grpo.agg": ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"),
+    "grpo.normalizer": ("whisper", "basic", "lower", "none"),
+}
+# The features each kind of encoder takes (what ``data.features`` must be when it is set).
+ENCODER_FEATURES = {"conformer": "fbank", "whisper": "whisper", "hubert": "waveform",
+                    "wavlm": "waveform", "wav2vec2": "waveform"}
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+# train.precision, eval --precision, demo --precision; what each means: speechrl.runtime.
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def check_precision(precision: str, key: str = "train.precision") -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else a :class:`ConfigError` naming
+    them. Here rather than in speechrl.runtime (which re-exports it) so that a config is
+    checked without importing torch."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{key}={precision!r} is not a precision; use one of "
+                          f"{', '.join(PRECISIONS)} (auto: bf16 on a GPU or on a CPU that "
+                          "computes bf16 natively, fp32 otherwise)")
+    return precision
+
+
+def did_you_mean(word: Any, options: Iterable[str], cutoff: float = 0.6) -> str:
+    """`` (did you mean X?)`` for the option closest to ``word``, or ``""``."""
+    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=cutoff)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def device_error(name: str) -> str | None:
+    """Why ``name`` is not a device name (None when it is one); whether this machine has that
+    device is checked when the run starts."""
+    if isinstance(name, str) and _DEVICE.fullmatch(name):
+        return None
+    return f"unknown device {name!r}; use {DEVICES}"
+
+
+def _choose(key: str, value: Any, optional: bool = False) -> None:
+    allowed = CHOICES[key]
+    if value in allowed or (optional and value is None):
+        return
+    raise ConfigError(f"unknown {key} {value!r}; one of {', '.join(allowed)}"
+                      + did_you_mean(value, allowed))
+
+
+def _at_least(key: str, value: float | None, low: float, why: str = "") -> None:
+    if value is not None and value < low:
+        raise ConfigError(f"{key}={value!r} must be >= {low}{why}")
+
+
+def _above(key: str, value: float | None, low: float) -> None:
+    if value is not None and value <= low:
+        raise ConfigError(f"{key}={value!r} must be > {low}")
+
+
+def _within(key: str, value: float | None, low: float, high: float, *,
+            high_open: bool = False, low_open: bool = False) -> None:
+    if value is None:
+        return
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{key}={value!r} must be in {interval}")
 
 
 # --------------------------------------------------------------------------- model
@@ -42,12 +141,23 @@ class EncoderConfig:
     layers: tuple[int, ...] | None = None
     freeze: bool = True
 
+    def __post_init__(self) -> None:
+        _choose("model.encoder.kind", self.kind)
+        for name in ("n_mels", "d_model", "n_layers", "n_heads", "ff_mult", "conv_kernel"):
+            _at_least(f"model.encoder.{name}", getattr(self, name), 1)
+        _within("model.encoder.dropout", self.dropout, 0.0, 1.0, high_open=True)
+
 
 @dataclass(frozen=True)
 class ProjectorConfig:
     stack: int = 2  # k consecutive encoder frames are concatenated before the projection
     kind: str = "linear"  # "linear" (the paper's) or "mlp" (two layers, GELU)
     hidden: int | None = None  # MLP hidden size; defaults to the LLM hidden size
+
+    def __post_init__(self) -> None:
+        _at_least("model.projector.stack", self.stack, 1)
+        _choose("model.projector.kind", self.kind)
+        _at_least("model.projector.hidden", self.hidden, 1)
 
 
 @dataclass(frozen=True)
@@ -57,6 +167,10 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
+    def __post_init__(self) -> None:
+        _at_least("model.llm.lora.r", self.r, 0, " (0 trains the whole LLM)")
+        _within("model.llm.lora.dropout", self.dropout, 0.0, 1.0, high_open=True)
+
 
 @dataclass(frozen=True)
 class LLMConfig:
@@ -65,6 +179,10 @@ class LLMConfig:
     dtype: str = "float32"  # weights' dtype when loading; training uses autocast on GPU
     attn_implementation: str = "sdpa"
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        _choose("model.llm.preset", self.preset)
+        _choose("model.llm.dtype", self.dtype)
 
 
 @dataclass(frozen=True)
@@ -103,6 +221,15 @@ class DataConfig:
     # e.g. non-speech clips (synth --train-mix nonspeech=S); off, such rows are skipped and
     # counted as bad ones.
     train_empty_text: bool = False
+
+    def __post_init__(self) -> None:
+        _choose("data.features", self.features, optional=True)
+        _at_least("data.sample_rate", self.sample_rate, 1)
+        _above("data.max_duration", self.max_duration, 0)
+        _above("data.max_utterance_duration", self.max_utterance_duration, 0)
+        _at_least("data.duration_tolerance", self.duration_tolerance, 0)
+        _at_least("data.num_buckets", self.num_buckets, 1)
+        _at_least("data.num_workers", self.num_workers, 0)
 
 
 # --------------------------------------------------------------------------- stages
@@ -155,9 +282,22 @@ class TrainConfig:
     parallel: str = "ddp"
 
     def __post_init__(self) -> None:
-        from speechrl.runtime import check_precision
-
+        _choose("train.schedule", self.schedule)
+        _choose("train.parallel", self.parallel)
         check_precision(self.precision)
+        if device_error(self.device):
+            raise ConfigError(f"train.device: {device_error(self.device)}")
+        _above("train.lr", self.lr, 0)
+        for name in ("max_steps", "grad_accum", "log_every", "eval_every", "save_every",
+                     "max_nonfinite_steps", "batch_size", "dev_utterances"):
+            _at_least(f"train.{name}", getattr(self, name), 1)
+        for name in ("warmup_steps", "llm_frozen_steps", "weight_decay", "grad_clip",
+                     "speech_ctc_weight"):
+            _at_least(f"train.{name}", getattr(self, name), 0)
+        _within("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"train.adam_betas={list(self.adam_betas)} must be two numbers "
+                              "in [0, 1), e.g. [0.9, 0.98]")
 
 
 @dataclass(frozen=True)
@@ -191,12 +331,36 @@ class GRPOConfig:
     # or where a model is not checked with it, the prompt runs once per candidate.
     shared_prompt: bool = True
 
+    def __post_init__(self) -> None:
+        _choose("grpo.algorithm", self.algorithm)
+        _choose("grpo.strategy", self.strategy)
+        _choose("grpo.scale", self.scale, optional=True)
+        _choose("grpo.agg", self.agg, optional=True)
+        _choose("grpo.normalizer", self.normalizer)
+        # Advantages are rewards relative to the group's mean: one candidate is its own mean.
+        _at_least("grpo.group_size", self.group_size, 2,
+                  ": a group of one candidate has zero advantage and teaches nothing")
+        for name in ("num_iterations", "max_new_tokens", "num_beams"):
+            _at_least(f"grpo.{name}", getattr(self, name), 1)
+        for name in ("top_k", "tokens_per_second", "max_refill_rounds", "beta", "eps_high"):
+            _at_least(f"grpo.{name}", getattr(self, name), 0)
+        _above("grpo.temperature", self.temperature, 0)
+        _within("grpo.top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _within("grpo.min_p", self.min_p, 0.0, 1.0)
+        _within("grpo.eps_low", self.eps_low, 0.0, 1.0, high_open=True)
+        if self.strategy == "beam" and (self.num_beams or self.group_size) < self.group_size:
+            raise ConfigError(f"grpo.num_beams={self.num_beams} must be >= grpo.group_size="
+                              f"{self.group_size}: the group is the beam's n-best")
+
 
 @dataclass(frozen=True)
 class CTCConfig:
     """The built-in encoder's CTC pre-training: a linear head over characters."""
 
     min_char_count: int = 1  # characters seen fewer times than this map to <unk>
+
+    def __post_init__(self) -> None:
+        _at_least("ctc.min_char_count", self.min_char_count, 1)
 
 
 @dataclass(frozen=True)
@@ -207,6 +371,11 @@ class LMConfig:
     vocab_size: int = 2000
     max_length: int = 128  # tokens per training sequence
     sentences_per_sequence: int = 4  # sentences packed into one sequence
+
+    def __post_init__(self) -> None:
+        _at_least("lm.vocab_size", self.vocab_size, 1)
+        _at_least("lm.max_length", self.max_length, 2)
+        _at_least("lm.sentences_per_sequence", self.sentences_per_sequence, 1)
 
 
 @dataclass(frozen=True)
@@ -229,73 +398,299 @@ def load_run_config(name_or_path: str | None, overrides: list[str] | None = None
 
     A preset describes every stage of one scale: shared ``model`` / ``data`` / ``train``
     sections, and under ``stages:`` what each stage changes (its learning rate, steps, ...).
+    Every option is checked here (:class:`ConfigError` naming the key); what a stage needs to
+    run (settings that go together, inputs that exist) is :func:`check_stage`'s to check.
     """
     data = load_yaml(name_or_path) if name_or_path else {}
     stages = data.pop("stages", {}) or {}
+    if not isinstance(stages, dict):
+        raise ConfigError(f"{name_or_path}: stages must map stage names to sections, not "
+                          f"{stages!r}")
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
-        raise ValueError(f"unknown stage section(s) {unknown}; known: {list(STAGES)}")
+        raise ConfigError(f"{name_or_path}: unknown stage section(s) {unknown}; known: "
+                          f"{', '.join(STAGES)}")
     if stage is not None:
         data = merge(data, stages.get(stage) or {})
-    data = merge(data, parse_overrides(overrides or []))
-    return from_dict(RunConfig, data)
+    return from_dict(RunConfig, merge(data, parse_overrides(overrides or [])))
+
+
+# --------------------------------------------------------------------------- per stage
+
+
+def check_stage(cfg: RunConfig, stage: str, *, source: str | None = None,
+                overrides: Iterable[str] = ()) -> None:
+    """What ``stage`` needs of ``cfg`` beyond each option's own values, checked before anything
+    is loaded or written: the settings it cannot run without (:class:`ConfigError`), then the
+    inputs it reads (:class:`InputError` naming every missing one). ``source`` (the preset or
+    YAML file) and ``overrides`` (the ``key=value`` items given) only word the message about
+    missing inputs: which of them came from the preset."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+    _check_settings(cfg, stage)
+    missing = missing_inputs(cfg, stage)
+    if missing:
+        overridden = set(_leaf_keys(parse_overrides(list(overrides))))
+        raise InputError(_missing_message(missing, source, overridden))
+    check_output_folder(cfg.train.output_dir, "train.output_dir")
+
+
+def _check_settings(cfg: RunConfig, stage: str) -> None:
+    if stage == "pretrain-lm":
+        if not cfg.data.train and not cfg.lm.text:
+            raise ConfigError("no text to pre-train on: set data.train=[manifests] or "
+                              "lm.text=[text files]")
+        return
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: give one or more manifests, e.g. "
+                          "data.train=[corpus/train.jsonl]")
+    if stage == "pretrain-encoder":
+        if cfg.model.encoder.kind != "conformer":
+            raise ConfigError("pretrain-encoder trains the built-in encoder (model.encoder.kind="
+                              "conformer); Hugging Face encoders come pre-trained")
+        return
+    if not cfg.train.init and not (cfg.model.tokenizer or cfg.model.llm.path):
+        raise ConfigError("model.tokenizer (or model.llm.path with tokenizer files) is required "
+                          "to build a speech-LLM; run `speechrl pretrain-lm` to train one")
+    kind = _encoder_kind(cfg)
+    if cfg.data.features is not None and kind in ENCODER_FEATURES \
+            and cfg.data.features != ENCODER_FEATURES[kind]:
+        raise ConfigError(f"data.features={cfg.data.features} does not fit the {kind} encoder, "
+                          f"which takes {ENCODER_FEATURES[kind]} features: leave data.features "
+                          "unset (it follows the encoder)")
+    if stage == "sft" and cfg.train.cache_encoder_outputs and cfg.data.augment:
+        raise ConfigError("train.cache_encoder_outputs cannot be used with data.augment: "
+                          "augmented audio changes every epoch")
+    if stage == "grpo":
+        if not cfg.train.init:
+            raise ConfigError("GRPO starts from a trained model: set train.init=<SFT "
+                              "checkpoint>, e.g. train.init=runs/tiny/sft/best")
+        _check_reward(cfg.grpo)
+
+
+def _encoder_kind(cfg: RunConfig) -> str | None:
+    """The encoder a speech stage will run: the ``train.init`` checkpoint's when it starts from
+    one (None if that cannot be read: loading it reports why), else ``model.encoder``'s."""
+    if not cfg.train.init:
+        return cfg.model.encoder.kind
+    try:
+        saved = json.loads((Path(cfg.train.init) / "speechrl.json").read_text())
+        return saved["model"]["encoder"]["kind"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_reward(grpo: GRPOConfig) -> None:
+    """The reward spec parses and each of its names resolves (a ``module:function`` is
+    imported now, not after the model has loaded)."""
+    from speechrl.rewards import REWARDS, build_reward, parse_spec
+
+    try:
+        build_reward(grpo.reward, normalizer=grpo.normalizer)
+    except ValueError as err:
+        try:
+            names = [name for _, name in parse_spec(grpo.reward)]
+        except ValueError:  # the spec does not parse: the message says where
+            names = []
+        typo = next((n for n in names if ":" not in n and n not in REWARDS), None)
+        hint = did_you_mean(typo, REWARDS) if typo else ""
+        raise ConfigError(f"grpo.reward: {err}{hint}") from err
+    except Exception as err:  # the user's module failed while being imported
+        raise ConfigError(f"grpo.reward={grpo.reward!r}: importing it raised "
+                          f"{type(err).__name__}: {err}") from err
+
+
+def missing_inputs(cfg: RunConfig, stage: str) -> list[tuple[str, str]]:
+    """``(key, path)`` of each file or folder ``stage`` reads that does not exist. A speech stage
+    that starts from ``train.init`` reads the model from it alone."""
+    inputs: list[tuple[str, str | None]] = [("data.train", p) for p in cfg.data.train]
+    inputs += [("data.dev", p) for p in cfg.data.dev]
+    if stage == "pretrain-lm":
+        inputs += [("lm.text", p) for p in cfg.lm.text]
+        inputs += [("model.tokenizer", cfg.model.tokenizer), ("model.llm.path", cfg.model.llm.path)]
+    elif stage in ("sft", "grpo"):
+        if cfg.train.init:
+            inputs.append(("train.init", cfg.train.init))
+        else:
+            inputs += [("model.llm.path", cfg.model.llm.path),
+                       ("model.tokenizer", cfg.model.tokenizer),
+                       ("model.encoder.path", cfg.model.encoder.path)]
+    return [(key, path) for key, path in inputs if path and not Path(path).exists()]
+
+
+def check_output_folder(path: str | Path, what: str) -> None:
+    """``path`` is a folder, or one can be made there: no file in the way, a writable parent.
+    ``what`` names the option in the message (``--out``)."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise InputError(f"{what} {path}: {folder} is a file, not a folder; give a "
+                                 "folder (it is made if missing)")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise InputError(f"{what} {path}: {folder} is not writable")
+            return
+
+
+def _missing_message(missing: list[tuple[str, str]], source: str | None,
+                     overridden: set[str]) -> str:
+    listed = ", ".join(f"{key}={path}" for key, path in missing)
+    text = f"missing input(s): {listed}"
+    if any(not Path(path).is_absolute() for _, path in missing):
+        text += f" (relative to {Path.cwd()})"
+    from_source = [key for key, _ in missing if key not in overridden]
+    if not source or not from_source:
+        return text
+    which = "these are" if len(from_source) == len(missing) else f"{', '.join(from_source)} are"
+    if Path(source).suffix in (".yaml", ".yml"):
+        return f"{text}; {which} {source}'s paths: point elsewhere with key=PATH overrides"
+    return (f"{text}; {which} the {source} preset's paths: make them with the commands at the "
+            f"top of configs/{source}.yaml (or `speechrl demo`), or point elsewhere with "
+            "key=PATH overrides")
 
 
 # --------------------------------------------------------------------------- generic machinery
 
 
-def _resolve_type(tp: Any) -> Any:
-    """Strip Optional[...] / X | None down to the concrete type."""
+def _resolve_type(tp: Any) -> tuple[Any, bool]:
+    """(the concrete type inside Optional[...] / X | None, whether None is allowed)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return _resolve_type(args[0])
-    return tp
+        args = typing.get_args(tp)
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0], len(rest) < len(args)
+    return tp, False
 
 
-def _coerce(tp: Any, value: Any) -> Any:
-    tp = _resolve_type(tp)
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """``value`` (from YAML or an override) as the field type ``tp``; ``key`` names the field in
+    the :class:`ConfigError` a value of the wrong type raises."""
+    tp, optional = _resolve_type(tp)
     if value is None:
-        return None
+        if optional or tp is Any:
+            return None
+        raise ConfigError(f"{key} needs a value (got none)")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
-        return from_dict(tp, value)
-    origin = typing.get_origin(tp)
-    if origin is tuple:
+        return from_dict(tp, value, _path=f"{key}.")
+    if isinstance(value, Mapping):
+        raise ConfigError(f"{key} is a single value, not a section: got {value!r}")
+    if typing.get_origin(tp) is tuple:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             value = [value]
         args = typing.get_args(tp)
         inner = args[0] if args else Any
-        return tuple(_coerce(inner, v) for v in value)
-    if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, (int, str)) and not isinstance(value, bool):
-        return int(value)
-    if tp is bool and isinstance(value, str):
-        if value.lower() in ("true", "1", "yes"):
+        return tuple(_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        number = _as_number(value)
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{key}={value!r} is not a number (e.g. {key}=1e-4)")
+        return float(number)
+    if tp is int:
+        number = _as_number(value)
+        if number is None or not float(number).is_integer():
+            raise ConfigError(f"{key}={value!r} is not a whole number (e.g. {key}=10)")
+        return int(number)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (str, int)) and str(value).lower() in ("true", "1", "yes"):
             return True
-        if value.lower() in ("false", "0", "no"):
+        if isinstance(value, (str, int)) and str(value).lower() in ("false", "0", "no"):
             return False
-        raise ValueError(f"not a boolean: {value!r}")
-    if tp is str and not isinstance(value, str):
-        return str(value)
+        raise ConfigError(f"{key}={value!r} is not a boolean (true or false)")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r} is not a string")
     return value
 
 
-def from_dict(cls: type, data: dict[str, Any] | None) -> Any:
-    """Build the dataclass ``cls`` from a nested dict, rejecting unknown keys by name."""
+def _as_number(value: Any) -> float | int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def from_dict(cls: type, data: Mapping[str, Any] | None, *, _path: str = "") -> Any:
+    """Build the dataclass ``cls`` from a nested dict, rejecting unknown keys by name (with the
+    closest known key) and values of the wrong type naming the key (:class:`ConfigError`).
+    ``_path`` is the dotted prefix of ``cls`` inside a :class:`RunConfig` (``"train."``)."""
+    section = _path.rstrip(".") or cls.__name__
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError(f"{section} is a section, not a value: set its options one by one "
+                          f"(e.g. {_path or section + '.'}NAME=VALUE), not {data!r}")
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown option(s) {unknown}; known: {sorted(names)}")
-    kwargs = {k: _coerce(hints[k], v) for k, v in data.items()}
+        raise ConfigError(_unknown_message(cls, unknown, names, _path))
+    kwargs = {k: _coerce(hints[k], v, f"{_path}{k}") for k, v in data.items()}
     return cls(**kwargs)
+
+
+def _unknown_message(cls: type, unknown: list[str], names: list[str], path: str) -> str:
+    keys = [f"{path}{k}" for k in unknown]
+    text = f"unknown option{'s' if len(keys) > 1 else ''} {', '.join(keys)}"
+    close = difflib.get_close_matches(unknown[0], names, n=1, cutoff=0.6)
+    if close:
+        return f"{text} (did you mean {path}{close[0]}?)"
+    if path or cls is RunConfig:  # the same name in another section: train.group_size
+        elsewhere = [k for k in _dotted_keys(RunConfig) if k.rsplit(".", 1)[-1] == unknown[0]]
+        if elsewhere:
+            return f"{text} (did you mean {elsewhere[0]}?)"
+    section = path.rstrip(".")
+    return text + f"; {section + ' options' if section else 'known'}: {', '.join(sorted(names))}"
+
+
+def _dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every option of the dataclass tree ``cls``, dotted (``train.lr``), sections included."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        tp, _ = _resolve_type(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            keys += _dotted_keys(tp, f"{key}.")
+    return keys
+
+
+def _leaf_keys(nested: Mapping[str, Any], prefix: str = "") -> Iterable[str]:
+    for k, v in nested.items():
+        if isinstance(v, Mapping):
+            yield from _leaf_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1e-4}}`` -> ``{"train.lr": 1e-4}``; lists stay leaves."""
+    out: dict[str, Any] = {}
+    for k, v in nested.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -317,15 +712,22 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value")
+            raise ConfigError(f"{item!r} is not a key=value override (e.g. train.lr=1e-4; a "
+                              "preset goes after --config)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
-        node = nested
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has no key before '=' (e.g. train.lr=1e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: {raw!r} is not a value ("
+                              f"{' '.join(str(err).split())})") from err
+        node = nested
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part} is not a section")
+                raise ConfigError(f"override {item!r}: {part} is a value, not a section")
         node[parts[-1]] = value
     return nested
 
@@ -346,24 +748,42 @@ def apply_overrides(cfg: Any, overrides: list[str] | dict[str, Any]) -> Any:
     return from_dict(type(cfg), merge(to_dict(cfg), update))
 
 
+def presets() -> list[str]:
+    """The preset names ``--config`` takes: the shipped ones and any in ``./configs``."""
+    folders = (Path.cwd() / "configs", PACKAGE_CONFIG_DIR)
+    return sorted({p.stem for folder in folders if folder.is_dir()
+                   for p in folder.glob("*.yaml")})
+
+
 def find_config(name_or_path: str) -> Path:
     """A preset name (``tiny``) or a path to a YAML file."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        return path
+    if path.suffix in (".yaml", ".yml"):
+        if path.is_file():
+            return path
+        raise ConfigError(f"no config file {path}; give a YAML file or a preset: "
+                          f"{', '.join(presets())}")
     for folder in (Path.cwd() / "configs", PACKAGE_CONFIG_DIR):
         candidate = folder / f"{name_or_path}.yaml"
         if candidate.exists():
             return candidate
-    raise FileNotFoundError(
-        f"no config {name_or_path!r}: give a YAML path or a preset in {PACKAGE_CONFIG_DIR}"
-    )
+    raise ConfigError(f"no preset {name_or_path!r}; presets: {', '.join(presets())} (or give "
+                      "a YAML file)" + did_you_mean(name_or_path, presets()))
 
 
 def load_yaml(name_or_path: str) -> dict[str, Any]:
     """Load a preset, following an optional ``base: other-preset`` key."""
     path = find_config(name_or_path)
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read {path}: {err}") from err
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a {type(data).__name__}, not sections (model:, data:, "
+                          "train:, ...)")
     base = data.pop("base", None)
     if base:
         data = merge(load_yaml(base), data)

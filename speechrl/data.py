@@ -564,8 +564,13 @@ def features_for_files(
     n_mels: int = 80,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features of audio files as a batch: inputs (B, N, F) or (B, S), lengths (B,), durations
-    (B,) in seconds. A file that cannot be read raises :class:`AudioError`."""
+    (B,) in seconds. A file that cannot be read, or is shorter than ``MIN_AUDIO_SECONDS`` (as
+    a manifest row would be skipped), raises :class:`AudioError`."""
     waves = [audio_lib.load_audio(p, sample_rate) for p in paths]
+    for path, wave in zip(paths, waves, strict=True):
+        if len(wave) / sample_rate < MIN_AUDIO_SECONDS:
+            raise AudioError(f"{path}: too short ({len(wave) / sample_rate:.3f} s < "
+                             f"{MIN_AUDIO_SECONDS:g} s)", "too short")
     inputs, lengths = pad_inputs([audio_lib.features(w, kind, sample_rate, n_mels) for w in waves])
     durations = torch.tensor([len(w) / sample_rate for w in waves], dtype=torch.float32)
     return inputs, lengths, durations

@@ -6,11 +6,13 @@ adapt to the adaptation domain once with SFT and once with GRPO, and evaluate bo
 adaptation test set and on the in-domain sets (to show what each forgets).
 
 Every stage is the ordinary command with the ``tiny`` preset and a few overrides, so each step
-can be re-run by hand; a finished stage is not run again when the demo is restarted.
+can be re-run by hand. A restarted demo skips the stages that ran to their last step and
+resumes an interrupted one from its ``last`` checkpoint (:func:`stage_finished`).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,13 +85,37 @@ def stage_overrides(out: Path, scale: DemoScale,
     }
 
 
-def run_stage(name: str, command: str, overrides: list[str], done: Path):
-    """Run one stage unless its output exists already (a restarted demo skips finished stages)."""
-    if done.exists():
-        say(f"== {name}: already done ({done})")
-        return done
-    say(f"== {name}")
+def stage_finished(output_dir: Path, max_steps: int) -> bool:
+    """Whether the stage writing ``output_dir`` ran to its last step: its ``last`` checkpoint,
+    saved at the end of every stage, says it reached ``max_steps``. A stage's exports (the LM
+    folder, the encoder) exist from its first save on, so they say nothing of the kind."""
+    state = output_dir / "last" / "trainer_state.json"
+    try:
+        return json.loads(state.read_text())["step"] >= max_steps
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def stage_result(command: str, output_dir: Path) -> Path:
+    """What a finished stage returned: the folder the next stages take."""
+    if command == "pretrain-lm":
+        return output_dir / "model"
+    if command == "pretrain-encoder":
+        return output_dir / "encoder"
+    best = output_dir / "best"
+    return best if best.exists() else output_dir / "last"
+
+
+def run_stage(name: str, command: str, overrides: list[str]) -> Path:
+    """Run one stage, or resume it from its ``last`` checkpoint; a finished one is skipped.
+    Returns the folder the next stages take (:func:`stage_result`)."""
     cfg = load_run_config("tiny", overrides, stage=command)
+    output_dir = Path(cfg.train.output_dir)
+    if stage_finished(output_dir, cfg.train.max_steps):
+        result = stage_result(command, output_dir)
+        say(f"== {name}: already done ({result})")
+        return result
+    say(f"== {name}")
     if command == "pretrain-lm":
         from speechrl.train.lm import train_lm as train
     elif command == "pretrain-encoder":
@@ -163,17 +189,11 @@ def run_demo(out: str | Path, quick: bool = False, scale: DemoScale | None = Non
         say("== synth: the multilingual corpus (espeak-ng, five languages, domain shifts)")
         synthesize_corpus(out / "data", utts=scale.utts, eval_utts=scale.eval_utts, seed=0)
     o = stage_overrides(out, scale, precision)
-    run_stage("LM pre-training (eq. 1)", "pretrain-lm", o["pretrain-lm"],
-              out / "lm" / "model" / "config.json")
-    run_stage("encoder CTC pre-training", "pretrain-encoder", o["pretrain-encoder"],
-              out / "encoder" / "encoder")
+    run_stage("LM pre-training (eq. 1)", "pretrain-lm", o["pretrain-lm"])
+    run_stage("encoder CTC pre-training", "pretrain-encoder", o["pretrain-encoder"])
     for name, command in (("sft", "sft"), ("grpo", "grpo"), ("adapt_sft", "sft"),
                           ("adapt_grpo", "grpo")):
-        if (ckpt / name).exists():
-            say(f"== {name}: already done ({ckpt / name})")
-            continue
-        result = run_stage(name, command, o[name], ckpt / name)
-        publish(result, ckpt / name)
+        publish(run_stage(name, command, o[name]), ckpt / name)
     return demo_evaluation(out, checkpoints={n: ckpt / n for n in
                                               ("sft", "grpo", "adapt_sft", "adapt_grpo")},
                            sets={s: out / "data" / f"{s}.jsonl" for s in EVAL_SETS},

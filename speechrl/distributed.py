@@ -67,7 +67,7 @@ def setup(device: str = "auto", timeout_minutes: float = 30.0) -> World:
     """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1 and not dist.is_initialized():
-        return World(device=_single_device(device))
+        return World(device=checked_device(device))
     missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing and not dist.is_initialized():
         raise RuntimeError(f"WORLD_SIZE={size} but {', '.join(missing)} not set: launch with "
@@ -86,22 +86,42 @@ def setup(device: str = "auto", timeout_minutes: float = 30.0) -> World:
     return World(dist.get_rank(), local_rank, dist.get_world_size(), rank_device)
 
 
-def _single_device(name: str) -> torch.device:
+def checked_device(name: str = "auto") -> torch.device:
+    """The device ``name`` stands for (``auto``: a GPU when one is usable, else the CPU). A name
+    that is no device raises :class:`~speechrl.config.ConfigError`; a device this machine lacks
+    (``cuda`` on a CPU build of torch) :class:`~speechrl.config.InputError`."""
+    from speechrl.config import ConfigError, InputError, device_error
+
+    if device_error(name):
+        raise ConfigError(device_error(name))
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
+        raise InputError(f"device {name!r} asked for, but this machine has no usable GPU "
+                         f"(torch {torch.__version__}: {why}); use cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"device {name!r} asked for, but only {torch.cuda.device_count()} "
+                         "GPU(s) are visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device {name!r} asked for, but MPS is not available here; use cpu "
+                         "or auto")
+    return device
 
 
 def _rank_device(name: str, local_rank: int) -> torch.device:
+    from speechrl.config import ConfigError, InputError
+
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if name not in ("auto", "cuda"):
-        raise ValueError(f"train.device={name!r} under torchrun: use auto or cuda (each rank "
-                         "takes cuda:LOCAL_RANK) or cpu")
+        raise ConfigError(f"train.device={name!r} under torchrun: use auto or cuda (each rank "
+                          "takes cuda:LOCAL_RANK) or cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no GPU is visible to this rank")
+        raise InputError("train.device=cuda but no GPU is visible to this rank")
     if local_rank >= torch.cuda.device_count():
-        raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) "
+        raise InputError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) "
                            "are visible: lower --nproc_per_node")
     return torch.device("cuda", local_rank)
 
@@ -141,9 +161,11 @@ def barrier() -> None:
 
 def per_rank(global_size: int, what: str) -> int:
     """A global batch size split evenly over the ranks; an uneven split is refused."""
+    from speechrl.config import ConfigError
+
     size = world_size()
     if global_size % size:
-        raise ValueError(f"{what}={global_size} is the global batch size and must divide by "
+        raise ConfigError(f"{what}={global_size} is the global batch size and must divide by "
                          f"the {size} ranks; use a multiple of {size}")
     return global_size // size
 

@@ -33,7 +33,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from speechrl.config import EncoderConfig
+from speechrl.config import ConfigError, EncoderConfig
 
 INPUT_KINDS = ("fbank", "whisper", "waveform")
 WAVEFORM_KINDS = ("hubert", "wavlm", "wav2vec2")
@@ -65,12 +65,12 @@ class LayerWeightedSum(nn.Module):
         super().__init__()
         for layer in layers:
             if not -num_hidden_states <= layer < num_hidden_states:
-                raise ValueError(
+                raise ConfigError(
                     f"encoder layer {layer} does not exist: this encoder has hidden states "
                     f"0..{num_hidden_states - 1} (0 is the input to the first block)"
                 )
         if len(set(layers)) != len(layers):
-            raise ValueError(f"encoder layers {tuple(layers)} name a layer twice")
+            raise ConfigError(f"encoder layers {tuple(layers)} name a layer twice")
         self.layers = tuple(layers)
         self.logits = nn.Parameter(torch.zeros(len(layers)))
 
@@ -84,12 +84,14 @@ class LayerWeightedSum(nn.Module):
 class SpeechEncoder(nn.Module):
     """What the model sees of an encoder: a backbone's hidden states, combined and masked.
 
-    Concrete encoders set ``input_kind`` and ``output_dim`` and define
+    Concrete encoders set ``input_kind`` and ``output_dim`` (and ``n_mels``, the mel bins of
+    their log-mel input, which the data must be computed with) and define
     ``hidden_states(inputs, lengths, all_layers) -> (list of (B, N', D), frame_lengths)``.
     """
 
     input_kind: str
     output_dim: int
+    n_mels: int | None = None  # None: the encoder takes the waveform
 
     def __init__(self, layers: Sequence[int] | None, num_hidden_states: int) -> None:
         super().__init__()
@@ -289,16 +291,17 @@ class ConformerEncoder(SpeechEncoder):
         super().__init__(cfg.layers, cfg.n_layers + 1)
         d_model, n_heads = cfg.d_model, cfg.n_heads
         if d_model % n_heads or (d_model // n_heads) % 2:
-            raise ValueError(
+            raise ConfigError(
                 f"conformer d_model={d_model} must split into n_heads={n_heads} heads of even size"
             )
         if cfg.conv_kernel % 2 == 0:
-            raise ValueError(f"conformer conv_kernel must be odd, got {cfg.conv_kernel}")
+            raise ConfigError(f"conformer conv_kernel must be odd, got {cfg.conv_kernel}")
         if cfg.n_mels < 7:
-            raise ValueError(f"conformer needs at least 7 mel bins, got n_mels={cfg.n_mels}")
+            raise ConfigError(f"conformer needs at least 7 mel bins, got n_mels={cfg.n_mels}")
         # The architecture alone: what save_pretrained records and from_pretrained rebuilds.
         self.arch = {k: getattr(cfg, k) for k in CONFORMER_CONFIG_FIELDS}
         self.output_dim = d_model
+        self.n_mels = cfg.n_mels
         self.subsampling = Conv2dSubsampling(cfg.n_mels, d_model, cfg.subsampling_channels)
         self.rope = RotaryPositions(d_model // n_heads)
         self.blocks = nn.ModuleList(
@@ -420,12 +423,12 @@ def read_safetensors(directory: Path, prefixes: Sequence[str] = ("",)) -> dict[s
 def read_hf_config(path: str | Path | None, kind: str,
                    trust_remote_code: bool = False) -> PretrainedConfig:
     if path is None:
-        raise ValueError(f"encoder.kind={kind!r} needs encoder.path (a Hugging Face folder)")
+        raise ConfigError(f"encoder.kind={kind!r} needs encoder.path (a Hugging Face folder)")
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"no Hugging Face model at {path}: config.json is missing")
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if config.model_type != kind:
-        raise ValueError(
+        raise ConfigError(
             f"encoder.kind={kind!r} but {path} holds a {config.model_type!r} model; set "
             f"encoder.kind to match"
         )
@@ -613,7 +616,7 @@ def build_encoder(cfg: EncoderConfig, *, load_weights: bool = True,
         encoder = WhisperSpeechEncoder.from_pretrained(cfg.path, layers, load_weights,
                                                        trust_remote_code)
         if encoder.n_mels != cfg.n_mels:
-            raise ValueError(
+            raise ConfigError(
                 f"{cfg.path} is a Whisper with {encoder.n_mels} mel bins but encoder.n_mels="
                 f"{cfg.n_mels}; set encoder.n_mels={encoder.n_mels} so features match"
             )

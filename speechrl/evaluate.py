@@ -12,14 +12,19 @@ the order one process decodes them, and rank 0 writes the same report one proces
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from speechrl import distributed
-from speechrl.report import Hypothesis, ReportPaths, Section, write_report
+from speechrl.config import ConfigError, InputError, check_output_folder, device_error
+
+if TYPE_CHECKING:
+    from speechrl.report import Hypothesis, ReportPaths, Section
+
+# The modules that decode and score import torch, transformers and matplotlib: they are imported
+# inside the functions, so that the command line's --help and argument errors stay fast.
 
 
 def decode_manifest(model, manifest: str | Path, *, options, device, data_cfg=None,
@@ -35,16 +40,19 @@ def decode_manifest(model, manifest: str | Path, *, options, device, data_cfg=No
     import torch
     from tqdm.auto import tqdm
 
+    from speechrl import distributed
     from speechrl.config import DataConfig
     from speechrl.data import make_dataloader
     from speechrl.generate import generate
+    from speechrl.report import Hypothesis
     from speechrl.runtime import autocast
     from speechrl.train.common import gather_skips
 
     data_cfg = data_cfg or DataConfig()
     loader = make_dataloader([str(manifest)], data_cfg, features=model.encoder.input_kind,
                              training=False, rank=distributed.rank(),
-                             world_size=distributed.world_size())
+                             world_size=distributed.world_size(),
+                             n_mels=model.encoder.n_mels or 80)
     batches: list[list[Hypothesis]] = []
     model.eval()
     with torch.no_grad(), tqdm(total=len(loader), desc=desc or str(manifest),
@@ -98,9 +106,17 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
     switched on by a checkpoint). ``checkpoint_sets`` limits a checkpoint to some of the sets
     (by name; a checkpoint not named decodes them all).
     ``precision``: ``fp32`` (the default), ``bf16`` autocast, or ``auto`` (bf16 on a GPU or on
-    a CPU that computes it natively; :mod:`speechrl.runtime`)."""
-    from speechrl.checkpoint import load_model
-    from speechrl.data import SkipCounter
+    a CPU that computes it natively; :mod:`speechrl.runtime`).
+
+    Every input is checked before anything is decoded (:func:`check_eval_inputs`). A failure
+    after some decoding (a checkpoint whose weights turn out corrupt, a set with no usable row,
+    an interruption) still writes the report of what was decoded, and its message says where.
+    """
+    check_eval_inputs(checkpoints, sets, out_dir, training_metrics, device=device)
+    from speechrl import distributed
+    from speechrl.checkpoint import CheckpointError, load_model
+    from speechrl.data import ManifestError, SkipCounter
+    from speechrl.report import write_report
     from speechrl.runtime import announce_precision, say
 
     dev = distributed.setup(device).device
@@ -112,32 +128,37 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
                          f"{sorted(sets)}")
     results: dict[str, dict[str, list[Hypothesis]]] = {}
     skips = {set_name: SkipCounter() for set_name in sets}  # the same rows for every checkpoint
-    for name, path in checkpoints.items():
-        model = load_model(path, device=dev, trust_remote_code=trust_remote_code)
-        wanted = (checkpoint_sets or {}).get(name, list(sets))
-        results[name] = {}
-        for set_name, manifest in sets.items():
-            if set_name not in wanted:
-                continue
-            results[name][set_name] = decode_manifest(
-                model, manifest, options=options, device=dev, desc=f"{name} / {set_name}",
-                skips=skips[set_name], precision=precision)
-        del model
-    paths = None
+    wanted = {name: list((checkpoint_sets or {}).get(name, sets)) for name in checkpoints}
+    try:
+        for name, path in checkpoints.items():
+            model = load_model(path, device=dev, trust_remote_code=trust_remote_code)
+            results[name] = {}
+            for set_name, manifest in sets.items():
+                if set_name not in wanted[name]:
+                    continue
+                results[name][set_name] = decode_manifest(
+                    model, manifest, options=options, device=dev, desc=f"{name} / {set_name}",
+                    skips=skips[set_name], precision=precision)
+            del model
+        paths = None
+        if distributed.is_main():
+            paths = write_report(out_dir, results, normalizer=normalizer, title=title,
+                                 training_metrics=training_metrics, sections=sections,
+                                 curve_keys=curve_keys,
+                                 provenance=_provenance(checkpoints, sets, beam, precision,
+                                                        normalizer, options, skips))
+    except BaseException as err:
+        kept = save_decoded(out_dir, results, wanted, normalizer=normalizer, title=title,
+                            provenance=_provenance(checkpoints, sets, beam, precision,
+                                                   normalizer, options, skips))
+        if kept is None:
+            raise
+        if isinstance(err, (CheckpointError, ManifestError)):
+            raise type(err)(f"{err}; what was decoded before is in {kept}") from err
+        say(f"eval: what was decoded before the failure is in {kept}")
+        raise
     if distributed.is_main():
         counts = {set_name: counter.counts for set_name, counter in skips.items()}
-        provenance = {
-            "checkpoints": {name: str(Path(path).resolve()) for name, path in checkpoints.items()},
-            "sets": {name: str(Path(path).resolve()) for name, path in sets.items()},
-            "decoding": {"strategy": f"beam {beam}" if beam > 1 else "greedy",
-                         "precision": precision.name, "normaliser": normalizer,
-                         "max_new_tokens": max_new_tokens,
-                         "tokens_per_second": options.tokens_per_second},
-            "skipped": counts,
-        }
-        paths = write_report(out_dir, results, normalizer=normalizer, title=title,
-                             training_metrics=training_metrics, sections=sections,
-                             curve_keys=curve_keys, provenance=provenance)
         (Path(out_dir) / "skips.json").write_text(json.dumps(counts, indent=2) + "\n")
         for set_name, counter in skips.items():
             say(f"eval, {set_name}: {counter.summary()}")
@@ -146,28 +167,122 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
     return distributed.broadcast_object(paths)
 
 
+def _provenance(checkpoints, sets, beam: int, precision, normalizer: str, options,
+                skips) -> dict[str, Any]:
+    """What the report says it evaluated: paths, decoding settings, rows skipped per set."""
+    return {
+        "checkpoints": {name: str(Path(path).resolve()) for name, path in checkpoints.items()},
+        "sets": {name: str(Path(path).resolve()) for name, path in sets.items()},
+        "decoding": {"strategy": f"beam {beam}" if beam > 1 else "greedy",
+                     "precision": precision.name, "normaliser": normalizer,
+                     "max_new_tokens": options.max_new_tokens,
+                     "tokens_per_second": options.tokens_per_second},
+        "skipped": {set_name: counter.counts for set_name, counter in skips.items()},
+    }
+
+
+def check_eval_inputs(checkpoints: Mapping[str, str | Path], sets: Mapping[str, str | Path],
+                      out_dir: str | Path,
+                      training_metrics: Mapping[str, str | Path] | None = None, *,
+                      device: str = "auto") -> None:
+    """Everything an evaluation reads or writes, checked before any decoding: the output folder
+    can be made, every manifest and metrics file exists (and the metrics parse), the device is
+    there, every checkpoint folder is complete (in that order: the file checks need no torch).
+    Raises :class:`~speechrl.config.InputError` (or
+    :class:`~speechrl.checkpoint.CheckpointError`) naming the first problem."""
+    check_output_folder(out_dir, "--out")
+    for set_name, manifest in sets.items():
+        if not Path(manifest).is_file():
+            raise InputError(f"--data {set_name}: no manifest at {manifest}")
+    for run, metrics in (training_metrics or {}).items():
+        if not Path(metrics).is_file():
+            raise InputError(f"--metrics {run}: no metrics file at {metrics}")
+        from speechrl.plots import read_metrics
+
+        try:
+            read_metrics(metrics)
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise InputError(f"--metrics {run}: {err}") from err
+    from speechrl.distributed import checked_device
+
+    checked_device(device)
+    from speechrl.checkpoint import check_folder
+
+    for path in checkpoints.values():
+        check_folder(path)
+
+
+def save_decoded(out_dir: str | Path, results: Mapping[str, Mapping[str, Sequence[Hypothesis]]],
+                 wanted: Mapping[str, Sequence[str]], *, normalizer: str, title: str,
+                 provenance: dict[str, Any] | None = None) -> Path | None:
+    """After a failure, the report of the checkpoints that decoded all their ``wanted`` sets
+    (else of the sets the first one decoded); when even that cannot be written, the raw
+    hypotheses as JSONL. Returns where they went, or None when nothing had been decoded (or on
+    ranks other than 0)."""
+    from speechrl import distributed
+    from speechrl.report import write_report
+
+    complete = {name: sets for name, sets in results.items()
+                if sets and len(sets) == len(wanted[name])}
+    if not complete:
+        complete = {name: sets for name, sets in list(results.items())[:1] if sets}
+    if not complete or not distributed.is_main():
+        return None
+    try:
+        return write_report(out_dir, complete, normalizer=normalizer,
+                            title=f"{title} (incomplete)", provenance=provenance).markdown
+    except Exception:  # the report itself failed: keep the hypotheses at least
+        raw = Path(out_dir) / "decoded.jsonl"
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        with raw.open("w") as f:
+            for name, sets in results.items():
+                for set_name, records in sets.items():
+                    for r in records:
+                        row = {"checkpoint": name, "set": set_name, **dataclasses.asdict(r)}
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return raw
+
+
 # --------------------------------------------------------------------------- command line
 
 
 def add_eval_arguments(parser) -> None:
     parser.add_argument("--checkpoint", action="append", required=True,
                         help="a checkpoint folder; repeat for several (the first is the baseline); "
-                             "NAME=PATH names it in the report")
+                             "NAME=PATH names it in the report, else its folder does (the run's "
+                             "folder for .../best and .../last: runs/sft/best is sft)")
     parser.add_argument("--data", action="append", required=True,
                         help="a manifest (JSONL or Lhotse .jsonl.gz); repeat for several; "
-                             "NAME=PATH names the set")
+                             "NAME=PATH names the set, else its file name does")
     parser.add_argument("--out", required=True, help="folder for report.md, report.json, plots")
-    parser.add_argument("--beam", type=int, default=0, help="beam width; 0 decodes greedily")
+    parser.add_argument("--beam", type=int, default=0,
+                        help="beam width; 0 decodes greedily (default: %(default)s)")
     parser.add_argument("--normalizer", default="whisper",
-                        choices=["whisper", "basic", "lower", "none"])
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--device", default="auto")
+                        choices=["whisper", "basic", "lower", "none"],
+                        help="text normaliser applied before scoring (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="cap on tokens per transcript (default: %(default)s)")
+    add_device_argument(parser)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
                         help="bf16 autocast, or auto (bf16 on a GPU or on a CPU that computes "
-                             "bf16 natively); fp32 by default")
+                             "bf16 natively) (default: %(default)s)")
     add_trust_remote_code_argument(parser)
     parser.add_argument("--metrics", action="append", default=[],
                         help="NAME=metrics.jsonl of a training run, plotted as curves")
+
+
+def add_device_argument(parser) -> None:
+    parser.add_argument("--device", default="auto", type=_device_name,
+                        help="auto (a GPU when there is one), cpu, cuda, cuda:N or mps "
+                             "(default: %(default)s)")
+
+
+def _device_name(value: str) -> str:
+    import argparse
+
+    if device_error(value):
+        raise argparse.ArgumentTypeError(device_error(value))
+    return value
 
 
 def add_trust_remote_code_argument(parser) -> None:
@@ -176,59 +291,105 @@ def add_trust_remote_code_argument(parser) -> None:
                              "code of their own (off by default: only for checkpoints you trust)")
 
 
-def _named(items: Sequence[str]) -> dict[str, str]:
-    named = {}
-    for item in items:
+def named_inputs(items: Sequence[str], option: str) -> dict[str, str]:
+    """``NAME=PATH`` items (or bare paths) as {name: path}, in order. A bare path is named by its
+    file (``test.jsonl`` is ``test``) or, for ``--checkpoint``, by its folder, where a
+    checkpoint layout's ``best`` or ``last`` gives way to the run's folder (``runs/sft/best``
+    is ``sft``); paths that would share a name take more of their parent folders
+    (``a/test.jsonl``, ``b/test.jsonl``: ``a_test``, ``b_test``). Two items still sharing a name
+    raise :class:`~speechrl.config.ConfigError`."""
+    explicit, candidates = {}, {}
+    for i, item in enumerate(items):
         name, _, path = item.rpartition("=")
-        if not name:
-            path = item
-            name = Path(item.rstrip("/")).name
-            if name.endswith(".jsonl.gz"):
-                name = name[: -len(".jsonl.gz")]
-            name = name.removesuffix(".jsonl")
-        if name in named:
-            raise ValueError(f"two inputs are both called {name!r}: name them NAME=PATH")
-        named[name] = path
-    return named
+        if name:
+            if name in explicit.values():
+                raise ConfigError(f"two {option} are both called {name!r}: give each its own "
+                                  "NAME=PATH")
+            explicit[i] = name
+        else:
+            candidates[i] = _name_candidates(item, checkpoint=option == "--checkpoint")
+    level = dict.fromkeys(candidates, 0)
+    while True:
+        names = {**explicit, **{i: c[level[i]] for i, c in candidates.items()}}
+        clashing = [i for i in candidates if list(names.values()).count(names[i]) > 1]
+        if not clashing:
+            break
+        movable = [i for i in clashing if level[i] + 1 < len(candidates[i])]
+        if not movable:
+            raise ConfigError(f"two {option} are both called {names[clashing[0]]!r}: name "
+                              "them NAME=PATH")
+        for i in movable:
+            level[i] += 1
+    return {names[i]: item.rpartition("=")[2] for i, item in enumerate(items)}
+
+
+def _name_candidates(path: str, checkpoint: bool) -> list[str]:
+    """Names for a bare ``path``, shortest first (see :func:`named_inputs`)."""
+    parts = [p for p in Path(path).parts if p not in (Path(path).anchor, ".", "..")] or [path]
+    stem = parts[-1]
+    if stem.endswith(".jsonl.gz"):
+        stem = stem[: -len(".jsonl.gz")]
+    parts[-1] = stem.removesuffix(".jsonl")
+    names = []
+    if checkpoint and parts[-1] in ("best", "last") and len(parts) > 1:
+        run = parts[:-1]
+        names += ["_".join(run[-depth:]) for depth in range(1, len(run) + 1)]
+    names += ["_".join(parts[-depth:]) for depth in range(1, len(parts) + 1)]
+    return list(dict.fromkeys(names))
 
 
 def eval_main(args) -> int:
-    from speechrl.checkpoint import CheckpointError
-    from speechrl.data import ManifestError
+    """``speechrl eval``; its errors are the command line's to report (speechrl.cli)."""
+    paths = evaluate_checkpoints(named_inputs(args.checkpoint, "--checkpoint"),
+                                 named_inputs(args.data, "--data"), args.out,
+                                 normalizer=args.normalizer, beam=args.beam,
+                                 device=args.device, max_new_tokens=args.max_new_tokens,
+                                 training_metrics=named_inputs(args.metrics, "--metrics") or None,
+                                 trust_remote_code=args.trust_remote_code,
+                                 precision=args.precision)
+    from speechrl import distributed
 
-    try:
-        paths = evaluate_checkpoints(_named(args.checkpoint), _named(args.data), args.out,
-                                     normalizer=args.normalizer, beam=args.beam,
-                                     device=args.device, max_new_tokens=args.max_new_tokens,
-                                     training_metrics=_named(args.metrics) or None,
-                                     trust_remote_code=args.trust_remote_code,
-                                     precision=args.precision)
-    except (CheckpointError, ManifestError) as err:  # a message, not a stack trace
-        print(f"eval: {err}", file=sys.stderr, flush=True)
-        return 1
     if distributed.is_main():
         print(f"eval done: {paths.markdown}")
     return 0
 
 
+class Transcriber:
+    """A checkpoint loaded once, to transcribe audio files one at a time: ``transcriber(path)``
+    is the file's transcript. A checkpoint that cannot be loaded raises
+    :class:`~speechrl.checkpoint.CheckpointError`; a file that cannot be read (or is shorter
+    than 0.1 s) :class:`~speechrl.audio.AudioError`, and the next file can still be given."""
+
+    def __init__(self, checkpoint: str | Path, *, beam: int = 0, device: str = "auto",
+                 trust_remote_code: bool = False) -> None:
+        from speechrl.checkpoint import load_model
+        from speechrl.distributed import checked_device
+
+        self.device = checked_device(device)
+        self.model = load_model(checkpoint, device=self.device,
+                                trust_remote_code=trust_remote_code).eval()
+        self.options = decoding_options(beam)
+
+    def __call__(self, path: str | Path) -> str:
+        import torch
+
+        from speechrl.data import features_for_files
+        from speechrl.generate import generate
+
+        encoder = self.model.encoder
+        inputs, lengths, durations = features_for_files([path], encoder.input_kind,
+                                                        n_mels=encoder.n_mels or 80)
+        with torch.no_grad():
+            result = generate(self.model, inputs.to(self.device), lengths.to(self.device),
+                              self.options, durations=durations.to(self.device))
+        return result.texts[0]
+
+
 def transcribe_files(checkpoint: str | Path, files: Sequence[str], *, beam: int = 0,
                      device: str = "auto", trust_remote_code: bool = False):
-    """Yield (path, transcript) for each audio file, one at a time. A checkpoint that cannot
-    be loaded raises :class:`~speechrl.checkpoint.CheckpointError`, an unreadable file
-    :class:`~speechrl.audio.AudioError`."""
-    import torch
-
-    from speechrl.checkpoint import load_model
-    from speechrl.data import features_for_files
-    from speechrl.generate import generate
-    from speechrl.train.common import resolve_device
-
-    dev = resolve_device(device)
-    model = load_model(checkpoint, device=dev, trust_remote_code=trust_remote_code).eval()
-    options = decoding_options(beam)
+    """Yield (path, transcript) for each audio file, one at a time; raises as
+    :class:`Transcriber` does, at the first file that cannot be read."""
+    transcriber = Transcriber(checkpoint, beam=beam, device=device,
+                              trust_remote_code=trust_remote_code)
     for path in files:
-        inputs, lengths, durations = features_for_files([path], model.encoder.input_kind)
-        with torch.no_grad():
-            result = generate(model, inputs.to(dev), lengths.to(dev), options,
-                              durations=durations.to(dev))
-        yield path, result.texts[0]
+        yield path, transcriber(path)

@@ -28,8 +28,7 @@ from pathlib import Path
 import torch
 
 from speechrl import distributed
-
-PRECISIONS = ("auto", "fp32", "bf16")
+from speechrl.config import PRECISIONS, check_precision  # noqa: F401 (kept torch-free in config)
 
 # CPU feature flags (as /proc/cpuinfo names them) that give bf16 matmuls their own instructions.
 _NATIVE_BF16_FLAGS = {"x86": ("avx512_bf16", "amx_bf16"), "arm": ("bf16",)}
@@ -51,15 +50,6 @@ class Precision:
     def describe(self) -> str:
         """One line for the start of a stage, e.g. ``precision fp32 (auto: ...)``."""
         return f"precision {self.name} ({self.requested}: {self.reason})"
-
-
-def check_precision(precision: str, key: str = "train.precision") -> str:
-    """``precision`` if it is one of :data:`PRECISIONS`, else a ValueError naming them."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"{key}={precision!r} is not a precision; use one of "
-                         f"{', '.join(PRECISIONS)} (auto: bf16 on a GPU or on a CPU that "
-                         "computes bf16 natively, fp32 otherwise)")
-    return precision
 
 
 # Set to 0 or 1 to override the probe: 0 makes ``auto`` fp32 on any CPU (the test suite does
@@ -158,6 +148,10 @@ def autocast(device: torch.device, precision: str | Precision = "auto"
 
 
 def say(message: str) -> None:
-    """One line for the person at the terminal (stderr keeps stdout for results); rank 0 only."""
+    """One line for the person at the terminal (stderr keeps stdout for results); rank 0 only.
+    Written through tqdm, which clears a progress bar's line first and redraws the bar below."""
+    from tqdm.auto import tqdm
+
     if distributed.is_main():
-        print(message, file=sys.stderr, flush=True)
+        tqdm.write(message, file=sys.stderr)
+        sys.stderr.flush()

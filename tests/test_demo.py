@@ -1,9 +1,11 @@
-"""demo.py: the whole pipeline at a few steps a stage, its wiring, and a restart."""
+"""demo.py: the whole pipeline at a few steps a stage, its wiring, a stop in every stage, and a
+restart."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 
 import pytest
 
@@ -11,19 +13,82 @@ from speechrl.demo import ADAPT_SETS, EVAL_SETS, DemoScale, run_demo, warmup
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
 
-MICRO = DemoScale(utts=6, eval_utts=None, lm_steps=3, ctc_steps=3, sft_steps=6, grpo_steps=1,
+# Two steps at least in every stage, so that each can be stopped before its end.
+MICRO = DemoScale(utts=6, eval_utts=None, lm_steps=3, ctc_steps=3, sft_steps=6, grpo_steps=2,
                   adapt_steps=2, eval_every=3)
 CHECKPOINTS = ("sft", "grpo", "adapt_sft", "adapt_grpo")
+# The demo's stages in order: (name in its messages, command, output folder, steps).
+STAGES = (("LM pre-training (eq. 1)", "pretrain-lm", "lm", MICRO.lm_steps),
+          ("encoder CTC pre-training", "pretrain-encoder", "encoder", MICRO.ctc_steps),
+          ("sft", "sft", "sft", MICRO.sft_steps), ("grpo", "grpo", "grpo", MICRO.grpo_steps),
+          ("adapt_sft", "sft", "adapt_sft", MICRO.adapt_steps),
+          ("adapt_grpo", "grpo", "adapt_grpo", MICRO.adapt_steps))
 
 
 def test_warmup_is_the_presets_or_a_quarter_of_a_short_run():
     assert [warmup(n) for n in (3600, 400, 60, 2, 1)] == [100, 100, 15, 1, 1]
 
 
-def test_demo_runs_every_stage_and_a_restart_only_rewrites_the_report(tmp_path, capsys):
+def sigterm_after_first_fresh_step(monkeypatch) -> dict[str, bool]:
+    """Make the first stage that starts afresh (its progress bar starts at step 0) in a demo run
+    get SIGTERM after its first step, as a job scheduler would send it; set ``armed`` before
+    each run. A resumed stage (its bar starts further on) runs to its end."""
+    from speechrl.train import common, ctc, grpo, lm, sft
+
+    armed = {"armed": False}
+
+    def progress(total: int, initial: int, desc: str):
+        bar = common.progress(total, initial, desc)
+        if initial == 0 and armed["armed"]:
+            armed["armed"] = False
+            update = bar.update
+
+            def update_then_stop(n: int = 1):
+                update(n)
+                bar.update = update
+                signal.raise_signal(signal.SIGTERM)
+
+            bar.update = update_then_stop
+        return bar
+
+    for module in (lm, ctc, sft, grpo):
+        monkeypatch.setattr(module, "progress", progress)
+    return armed
+
+
+def test_demo_stopped_in_every_stage_resumes_each_then_a_restart_only_rewrites_the_report(
+        tmp_path, capsys, monkeypatch):
+    from speechrl.train.common import RunStopped
+
     out = tmp_path / "demo"
+    armed = sigterm_after_first_fresh_step(monkeypatch)
+    said = []  # stderr of every run
+    # Run k is stopped in stage k after its first step; run k + 1 resumes that stage (never
+    # taking it as done, whatever it has already exported) and is stopped in the next one.
+    for k, (_, command, folder, steps) in enumerate(STAGES):
+        armed["armed"] = True
+        with pytest.raises(RunStopped) as stopped:
+            run_demo(out, scale=MICRO)
+        assert stopped.value.exit_code == 128 + signal.SIGTERM
+        assert str(stopped.value).startswith(f"{command}: stopped by SIGTERM after step 1; ")
+        err = capsys.readouterr().err
+        said.append(err)
+        if k > 0:
+            previous = STAGES[k - 1]
+            assert (f"resuming {previous[1]} from {out / previous[2] / 'last'} at step 1"
+                    in err), err
+            assert f"== {previous[0]}: already done" not in err
+        state = json.loads((out / folder / "last" / "trainer_state.json").read_text())
+        assert state["step"] == 1 < steps
+    # The stopped encoder had exported itself (the restart bug of issue 19) and was resumed.
+    assert (out / "encoder" / "encoder").exists()
     report = run_demo(out, scale=MICRO)
     assert report == out / "report.md"
+    said.append(capsys.readouterr().err)
+    assert f"resuming grpo from {out / 'adapt_grpo' / 'last'} at step 1" in said[-1]
+    for _, _, folder, steps in STAGES:  # every stage ran to its last step
+        state = json.loads((out / folder / "last" / "trainer_state.json").read_text())
+        assert state["step"] == steps, folder
     for name in CHECKPOINTS:
         assert (out / "checkpoints" / name / "speechrl.json").exists(), name
 
@@ -38,7 +103,7 @@ def test_demo_runs_every_stage_and_a_restart_only_rewrites_the_report(tmp_path, 
     assert (sft["train"]["max_steps"], sft["data"]["train"]) == (6, [str(data / "train.jsonl")])
     # SFT trains everything from step 1, with the preset's CTC term on the speech tokens.
     assert (sft["train"]["llm_frozen_steps"], sft["train"]["speech_ctc_weight"]) == (0, 0.5)
-    assert (grpo["train"]["max_steps"], grpo["train"]["init"]) == (1, str(out / "checkpoints/sft"))
+    assert (grpo["train"]["max_steps"], grpo["train"]["init"]) == (2, str(out / "checkpoints/sft"))
     for name in ("adapt_sft", "adapt_grpo"):
         cfg = stage_config(name)
         assert cfg["train"]["init"] == str(out / "checkpoints" / "sft")
@@ -73,7 +138,7 @@ def test_demo_runs_every_stage_and_a_restart_only_rewrites_the_report(tmp_path, 
     weights = {n: (out / "checkpoints" / n / "model.safetensors").stat().st_mtime_ns
                for n in CHECKPOINTS}
     # Each stage, and the evaluation, began by saying which precision it chose and why.
-    lines = capsys.readouterr().err.splitlines()
+    lines = "".join(said).splitlines()
     for stage in ("pretrain-lm", "pretrain-encoder", "sft", "grpo", "eval"):
         chosen = [line for line in lines if line.startswith(f"{stage}: precision ")]
         assert chosen and all(" (auto: " in line for line in chosen), (stage, lines[:20])

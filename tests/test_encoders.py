@@ -90,7 +90,7 @@ def test_conformer_bad_input(tiny_encoder_config, random_fbank):
     feats, lengths = random_fbank([6])
     with pytest.raises(ValueError, match="too short"):
         encoder(feats, lengths)
-    with pytest.raises(ValueError, match="unknown encoder.kind 'bert'"):
+    with pytest.raises(ValueError, match="unknown model.encoder.kind 'bert'"):
         build_encoder(EncoderConfig(kind="bert"))
     with pytest.raises(ValueError, match="needs encoder.path"):
         build_encoder(EncoderConfig(kind="hubert"))

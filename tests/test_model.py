@@ -262,7 +262,7 @@ def test_bad_targets_are_refused(tiny_model, random_fbank):
         tiny_model.target_logprobs(speech, speech_lengths, targets[:, :2], target_mask)
     with pytest.raises(ValueError, match="speech_lengths"):
         tiny_model.inference_prompt(speech, torch.tensor([0, 3]))
-    with pytest.raises(ValueError, match="unknown llm.dtype"):
+    with pytest.raises(ValueError, match="unknown model.llm.dtype"):
         SpeechLLM.from_config(
             ModelConfig(encoder=EncoderConfig(d_model=32, n_layers=1), llm=LLMConfig(dtype="fp8")),
             tiny_model.tokenizer,

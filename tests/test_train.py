@@ -206,6 +206,24 @@ def test_encoder_output_cache_refuses_what_would_make_it_stale(tiny_model_config
 
 
 
+def test_speech_loaders_compute_the_mel_bins_the_encoder_takes(tone_corpus, tiny_model_config):
+    """A 40-bin encoder (a 128-bin Whisper alike) gets 40-bin features, train and dev alike:
+    the loaders read the bins from the encoder, not a default of 80."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from speechrl.encoders import build_encoder
+    from speechrl.train.speech import speech_loaders
+
+    encoder = build_encoder(dataclasses.replace(tiny_model_config.encoder, n_mels=40))
+    cfg = RunConfig(model=tiny_model_config,
+                    data=DataConfig(train=(str(tone_corpus["train"]),),
+                                    dev=(str(tone_corpus["dev"]),)),
+                    train=TrainConfig(batch_size=2))
+    train, dev = speech_loaders(cfg, SimpleNamespace(encoder=encoder))
+    assert next(iter(train)).inputs.shape[-1] == next(iter(dev)).inputs.shape[-1] == 40
+
+
 def test_sft_speech_ctc_weight_trains_the_projector_on_the_ctc_loss(tmp_path, tone_corpus,
                                                                    tiny_model_config):
     from speechrl.train.sft import train_sft
@@ -227,7 +245,7 @@ def test_sft_speech_ctc_weight_trains_the_projector_on_the_ctc_loss(tmp_path, to
     b = load_file(str(ctc / "model.safetensors"))
     assert not torch.equal(a["projector.net.weight"], b["projector.net.weight"])
     assert np.mean(ctc_losses[-5:]) < 0.8 * np.mean(ctc_losses[:5])
-    with pytest.raises(ValueError, match="must be >= 0, got -0.5 and 0"):
+    with pytest.raises(ValueError, match=r"train.speech_ctc_weight=-0.5 must be >= 0"):
         run("negative", -0.5, 1)
 
 def test_lm_pretraining_loss_falls(tmp_path, tone_corpus):

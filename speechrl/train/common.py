@@ -33,9 +33,8 @@ from speechrl.runtime import announce_precision, autocast, say  # noqa: F401 (th
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps``, checked against this machine."""
+    return distributed.checked_device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -295,12 +294,21 @@ class Run:
 
 
 def start_run(cfg: RunConfig, stage: str) -> Run:
-    """Join the ranks (under torchrun), seed, and open the output folder (rank 0 writes)."""
-    if cfg.train.parallel not in distributed.STRATEGIES:
-        raise ValueError(f"unknown train.parallel {cfg.train.parallel!r}; one of "
-                         f"{', '.join(distributed.STRATEGIES)}")
+    """Join the ranks (under torchrun), check a resumed run's settings against the run it
+    resumes (:func:`check_resumed_settings`), record the settings, seed, and open the output
+    folder (rank 0 writes)."""
     world = distributed.setup(cfg.train.device)
     output_dir = Path(cfg.train.output_dir)
+    if world.is_main:
+        from speechrl.checkpoint import recover_swap
+
+        if recover_swap(output_dir / "last"):
+            say(f"{output_dir / 'last'} was being replaced when the last run died; the "
+                "previous checkpoint is back in place")
+    distributed.barrier()  # no rank looks for ``last`` before it is back
+    if cfg.train.resume and (output_dir / "last" / "trainer_state.json").exists():
+        check_resumed_settings(cfg, stage, output_dir)
+    distributed.barrier()  # every rank read the previous settings before rank 0 replaces them
     if world.is_main:
         write_run_config(cfg, output_dir, stage)
     if world.is_distributed:
@@ -309,14 +317,53 @@ def start_run(cfg: RunConfig, stage: str) -> Run:
     # The same seed on every rank: FSDP2 shards each rank's own copy of the initial weights, so
     # they must agree (DDP would broadcast rank 0's anyway).
     seed_everything(cfg.train.seed)
-    if world.is_main:
-        from speechrl.checkpoint import recover_swap
-
-        if recover_swap(output_dir / "last"):
-            say(f"{output_dir / 'last'} was being replaced when the last run died; the "
-                "previous checkpoint is back in place")
-    distributed.barrier()  # no rank looks for ``last`` before it is back
     return Run(cfg, stage, output_dir, world.device, MetricsLogger(output_dir), world)
+
+
+# Settings a resumed run may change: how long it runs; how often and on what it measures
+# (a changed dev set only moves the bar the best checkpoint so far is held to), saves and logs;
+# where its output goes and what it runs on. Any other change would continue one experiment
+# with another's settings; the learning rate may change only under a constant schedule (the
+# only one whose rate is the same number at every step after warm-up).
+RESUMABLE_SETTINGS = frozenset({
+    "train.max_steps", "train.eval_every", "train.save_every", "train.log_every",
+    "data.dev", "train.dev_utterances", "train.max_nonfinite_steps", "train.output_dir",
+    "train.resume", "train.device", "train.parallel", "data.num_workers",
+    "model.trust_remote_code",
+})
+
+
+def check_resumed_settings(cfg: RunConfig, stage: str, output_dir: Path) -> None:
+    """Compare ``cfg`` with the settings recorded (``<stage>_config.json``) by the run whose
+    ``output_dir/last`` this one resumes. Changes of :data:`RESUMABLE_SETTINGS`, and of
+    ``train.lr`` under a constant schedule, are said and kept (the record is rewritten with
+    them); any other change raises :class:`~speechrl.config.ConfigError` naming each key, old
+    and new. A run with no readable record resumes as before."""
+    from speechrl.config import ConfigError, flatten
+
+    record = output_dir / f"{stage}_config.json"
+    try:
+        old = flatten(json.loads(record.read_text()))
+    except (OSError, ValueError, AttributeError):
+        return
+    new = flatten(to_dict(cfg))
+    changes = [(key, old[key], new[key]) for key in new if key in old and old[key] != new[key]]
+    constant = old.get("train.schedule") == new["train.schedule"] == "constant"
+    refused = [c for c in changes if c[0] not in RESUMABLE_SETTINGS
+               and not (c[0] == "train.lr" and constant)]
+
+    def listed(items: list[tuple[str, Any, Any]]) -> str:
+        return ", ".join(f"{key} {before!r} -> {after!r}" for key, before, after in items)
+
+    if refused:
+        raise ConfigError(
+            f"{output_dir / 'last'} was trained with other settings: {listed(refused)}; these "
+            "cannot change when a run resumes: give the old values to resume it, or start "
+            "afresh with a new train.output_dir")
+    if changes:
+        lr = " (the constant schedule's new rate applies from the next step)" if any(
+            key == "train.lr" for key, _, _ in changes) else ""
+        say(f"{stage}: resuming with {listed(changes)}{lr}")
 
 
 def local_batch_size(cfg: TrainConfig) -> int | None:
@@ -481,6 +528,7 @@ def maybe_resume(run: Run, model, optimizer, scheduler) -> TrainerState:
     except Exception as err:
         raise CheckpointError(f"{last / OPTIMIZER} does not fit this run's optimizer and "
                               f"schedule: {type(err).__name__}: {err}") from err
+    use_configured_lr(optimizer, scheduler, run.cfg.train, last)
     try:
         restore_rng(state, payload)
     except Exception as err:
@@ -489,6 +537,26 @@ def maybe_resume(run: Run, model, optimizer, scheduler) -> TrainerState:
                               f"{err}") from err
     say(f"resuming {run.stage} from {last} at step {state.step}")
     return state
+
+
+def use_configured_lr(optimizer, scheduler, cfg: TrainConfig, last: Path) -> None:
+    """After loading a saved schedule, make its peak rate ``cfg.lr``: the saved state holds the
+    rate it was built with, which a resume may change under a constant schedule
+    (:func:`check_resumed_settings`). Under a cosine schedule a changed rate is refused here too,
+    for a checkpoint with no recorded settings to compare before loading."""
+    from speechrl.config import ConfigError
+
+    if all(base == cfg.lr for base in scheduler.base_lrs):
+        return
+    if cfg.schedule != "constant":
+        raise ConfigError(f"{last} was trained with train.lr={scheduler.base_lrs[0]!r} under a "
+                          f"{cfg.schedule} schedule, which cannot change on resume: give "
+                          "that rate, or start afresh with a new train.output_dir")
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    factor = lr_factor(scheduler.last_epoch, cfg)  # the factor of the step about to be taken
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * factor
 
 
 def checked_trainer_state(data: dict[str, Any], file: Path) -> TrainerState:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from speechrl import distributed
-from speechrl.config import RunConfig
+from speechrl.config import RunConfig, check_stage
 from speechrl.train.common import (
     Run,
     TrainerState,
@@ -103,9 +103,7 @@ def train_ctc(cfg: RunConfig) -> Path:
     from speechrl.encoders import ConformerEncoder
     from speechrl.train.lm import corpus_texts
 
-    if cfg.model.encoder.kind != "conformer":
-        raise ValueError("pretrain-encoder trains the built-in encoder (model.encoder.kind="
-                         "conformer); Hugging Face encoders come pre-trained")
+    check_stage(cfg, "pretrain-encoder")  # before anything is loaded or written
     run = start_run(cfg, "pretrain-encoder")
     vocab = CharVocabulary.from_texts(corpus_texts(cfg.data.train), cfg.ctc.min_char_count)
     # Trained here, frozen in the later stages (which load it with freeze=true).
@@ -114,14 +112,15 @@ def train_ctc(cfg: RunConfig) -> Path:
     say(f"pretrain-encoder: {len(vocab)} CTC symbols, "
         f"{sum(p.numel() for p in plain.parameters()) / 1e6:.1f}M parameters")
     rank, size = run.world.rank, run.world.world_size
+    n_mels = cfg.model.encoder.n_mels  # the features the encoder trained here takes
     train_loader = make_dataloader(cfg.data.train, cfg.data, features="fbank", training=True,
                                    seed=cfg.train.seed, batch_size=local_batch_size(cfg.train),
-                                   rank=rank, world_size=size)
+                                   rank=rank, world_size=size, n_mels=n_mels)
     dev_loader = None
     if cfg.data.dev:
         dev_loader = make_dataloader(cfg.data.dev, cfg.data, features="fbank", training=False,
                                      max_utterances=cfg.train.dev_utterances, rank=rank,
-                                     world_size=size)
+                                     world_size=size, n_mels=n_mels)
     last = resume_folder(run)
     if last is not None:  # weights before wrapping: FSDP2 shards what each rank holds
         plain.load_state_dict(load_file(str(last / "model.safetensors")))
@@ -132,7 +131,7 @@ def train_ctc(cfg: RunConfig) -> Path:
     batches = endless_batches(train_loader, state)
 
     bar = progress(cfg.train.max_steps, state.step, "pretrain-encoder")
-    with stop_on_signals() as stop:
+    with bar, stop_on_signals() as stop:  # the bar closes also when a stopped run raises
         while state.step < cfg.train.max_steps:
             batch = next(batches).to(run.device)
             utterances = distributed.all_reduce_sum([len(batch)])[0]
@@ -152,7 +151,6 @@ def train_ctc(cfg: RunConfig) -> Path:
                 stop_if_needed(run, stop, model, optimizer, scheduler, state,
                                save=lambda: save_ctc(run, model, vocab, optimizer, scheduler,
                                                      state))
-    bar.close()
     run.logger.close()
     return run.output_dir / "encoder"
 

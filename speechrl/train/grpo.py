@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from speechrl import distributed
-from speechrl.config import GRPOConfig, RunConfig
+from speechrl.config import GRPOConfig, RunConfig, check_stage
 from speechrl.losses import PRESETS, group_advantages, informative_groups, policy_loss
 from speechrl.train.common import (
     Run,
@@ -123,10 +123,9 @@ class Rollout:
 
 
 def train_grpo(cfg: RunConfig) -> Path:
+    check_stage(cfg, "grpo")  # before anything is loaded or written
     grpo = resolve_algorithm(cfg.grpo)
     cfg = dataclasses.replace(cfg, grpo=grpo)
-    if not cfg.train.init:
-        raise ValueError("GRPO starts from a trained model: set train.init=<SFT checkpoint>")
     run = start_run(cfg, "grpo")
     plain = load_or_build_model(cfg, run.device)
     reference = None
@@ -148,7 +147,7 @@ def train_grpo(cfg: RunConfig) -> Path:
     reward_fn = build_reward_fn(grpo)
 
     bar = progress(cfg.train.max_steps, state.step, f"grpo ({grpo.algorithm})")
-    with stop_on_signals() as stop:
+    with bar, stop_on_signals() as stop:  # the bar closes also when a stopped run raises
         while state.step < cfg.train.max_steps:
             # Sampling seeds derive from the seed and the step (and each audio's id), which keeps
             # a resumed run exact without saving any generator.
@@ -172,7 +171,6 @@ def train_grpo(cfg: RunConfig) -> Path:
                 save_training_checkpoint(run, policy, optimizer, scheduler, state)
             if not end:  # a signal, or too many non-finite steps: save, then stop
                 stop_if_needed(run, stop, policy, optimizer, scheduler, state)
-    bar.close()
     run.logger.close()
     report_skips(run)
     return run.best_dir if run.best_dir.exists() else run.last_dir

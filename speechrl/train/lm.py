@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from speechrl import distributed
-from speechrl.config import RunConfig
+from speechrl.config import RunConfig, check_stage
 from speechrl.train.common import (
     Run,
     TrainerState,
@@ -84,6 +84,7 @@ def collate_sequences(sequences: list[list[int]], pad_id: int) -> tuple[torch.Te
 def train_lm(cfg: RunConfig) -> Path:
     from speechrl.model import build_llm
 
+    check_stage(cfg, "pretrain-lm")  # before anything is loaded or written
     run = start_run(cfg, "pretrain-lm")
     texts = corpus_texts(cfg.data.train, cfg.lm.text)
     if not texts:
@@ -110,7 +111,7 @@ def train_lm(cfg: RunConfig) -> Path:
     batch_size = cfg.train.batch_size or 32  # sequences over all ranks
 
     bar = progress(cfg.train.max_steps, state.step, "pretrain-lm")
-    with stop_on_signals() as stop:
+    with bar, stop_on_signals() as stop:  # the bar closes also when a stopped run raises
         while state.step < cfg.train.max_steps:
             batch = rank_share(next_lm_batch(train_seqs, batch_size, state, cfg.train.seed))
             ids, labels = collate_sequences(batch, tokenizer.pad_id)
@@ -136,7 +137,6 @@ def train_lm(cfg: RunConfig) -> Path:
                 stop_if_needed(run, stop, llm, optimizer, scheduler, state,
                                save=lambda: save_lm(run, llm, tokenizer, optimizer, scheduler,
                                                     state))
-    bar.close()
     run.logger.close()
     return run.output_dir / "model"
 

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 
 from speechrl import distributed
-from speechrl.config import RunConfig
+from speechrl.config import RunConfig, check_stage
 from speechrl.losses import sft_loss, speech_ctc_loss
 from speechrl.train.common import (
     Run,
@@ -49,10 +49,7 @@ from speechrl.train.speech import (
 
 
 def train_sft(cfg: RunConfig) -> Path:
-    if cfg.train.speech_ctc_weight < 0 or cfg.train.llm_frozen_steps < 0:
-        raise ValueError(
-            f"train.speech_ctc_weight and train.llm_frozen_steps must be >= 0, got "
-            f"{cfg.train.speech_ctc_weight} and {cfg.train.llm_frozen_steps}")
+    check_stage(cfg, "sft")  # before anything is loaded or written
     run = start_run(cfg, "sft")
     plain = load_or_build_model(cfg, run.device)
     train_loader, dev_loader = speech_loaders(cfg, plain, run.world.rank, run.world.world_size)
@@ -65,7 +62,7 @@ def train_sft(cfg: RunConfig) -> Path:
     cache = EncoderOutputCache(model, cfg) if cfg.train.cache_encoder_outputs else None
 
     bar = progress(cfg.train.max_steps, state.step, "sft")
-    with stop_on_signals() as stop:
+    with bar, stop_on_signals() as stop:  # the bar closes also when a stopped run raises
         while state.step < cfg.train.max_steps:
             stats = sft_step(run, model, optimizer, batches, state, cache)
             scheduler.step()
@@ -83,7 +80,6 @@ def train_sft(cfg: RunConfig) -> Path:
                 save_training_checkpoint(run, model, optimizer, scheduler, state)
             if not end:  # a signal, or too many non-finite steps: save, then stop
                 stop_if_needed(run, stop, model, optimizer, scheduler, state)
-    bar.close()
     run.logger.close()
     report_skips(run, train=train_loader, dev=dev_loader)
     return run.best_dir if run.best_dir.exists() else run.last_dir

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from speechrl import distributed
-from speechrl.config import RunConfig
+from speechrl.config import ConfigError, RunConfig
 from speechrl.losses import sft_loss
 from speechrl.train.common import (
     Run,
@@ -48,17 +48,19 @@ def speech_loaders(cfg: RunConfig, model, rank: int = 0, world_size: int = 1):
     from speechrl.data import make_dataloader
 
     features = cfg.data.features or model.encoder.input_kind
+    # The encoder's own mel bins (a 128-bin Whisper takes 128); waveform features have none.
+    n_mels = model.encoder.n_mels or 80
     if not cfg.data.train:
         raise ValueError("data.train is empty: give one or more manifests, e.g. "
                          "data.train=corpus/train.jsonl")
     train = make_dataloader(cfg.data.train, cfg.data, features=features, training=True,
                             seed=cfg.train.seed, rank=rank, world_size=world_size,
-                            batch_size=local_batch_size(cfg.train))
+                            batch_size=local_batch_size(cfg.train), n_mels=n_mels)
     dev = None
     if cfg.data.dev:
         dev = make_dataloader(cfg.data.dev, cfg.data, features=features, training=False,
                               rank=rank, world_size=world_size,
-                              max_utterances=cfg.train.dev_utterances)
+                              max_utterances=cfg.train.dev_utterances, n_mels=n_mels)
     return train, dev
 
 
@@ -75,10 +77,10 @@ class EncoderOutputCache:
     def __init__(self, model, cfg: RunConfig) -> None:
         encoder = distributed.unwrap(model).encoder
         if any(p.requires_grad for p in encoder.parameters()):
-            raise ValueError("train.cache_encoder_outputs needs a fully frozen encoder (no "
+            raise ConfigError("train.cache_encoder_outputs needs a fully frozen encoder (no "
                              "trainable parameters, e.g. no learned layer weighting)")
         if cfg.data.augment:
-            raise ValueError("train.cache_encoder_outputs cannot be used with data.augment: "
+            raise ConfigError("train.cache_encoder_outputs cannot be used with data.augment: "
                              "augmented audio changes every epoch")
         self.frames: dict[str, torch.Tensor] = {}
         self.encoded = 0  # utterances put through the encoder
