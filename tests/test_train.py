@@ -1,11 +1,17 @@
 """The training stages on a tiny tone corpus: each word is a fixed chord of tones, so a tiny model
 learns the mapping in seconds on CPU. Checks that losses fall, that a resumed run ends with exactly
-the weights of an uninterrupted one, and that a frozen encoder does not move."""
+the weights of an uninterrupted one (also stopped by a signal mid warm-up, with dropout,
+augmentation, the encoder cache and gradient accumulation), that accumulated micro-batches give
+the gradient of the whole batch, that ``best/`` is the step of the lowest dev WER, and that a
+frozen encoder does not move."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import signal
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -76,6 +82,57 @@ def run_config(tmp_path: Path, corpus, model_cfg: ModelConfig, **train) -> RunCo
 def logged(path: Path, key: str) -> list[float]:
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
     return [r[key] for r in rows if key in r]
+
+
+def stop_after(monkeypatch, module, step: int, signum: int) -> None:
+    """The stage of ``module`` (its loop calls ``stop_if_needed`` between steps) gets ``signum``
+    from its own process once, right after step ``step``, as from a job scheduler or Ctrl-C: its
+    handler, not a test hook, turns that into a checkpoint and a stop."""
+    real = module.stop_if_needed
+    sent = []
+
+    def signal_then_check(run, request, *args, **kwargs) -> None:
+        if args[-1].step == step and not sent:  # args[-1]: the TrainerState
+            sent.append(signum)
+            signal.raise_signal(signum)
+        real(run, request, *args, **kwargs)
+
+    monkeypatch.setattr(module, "stop_if_needed", signal_then_check)
+
+
+def assert_same_values(a: Any, b: Any, where: str, atol: float = 0.0) -> None:
+    """Nested dicts / lists of tensors and plain values: equal (tensors torch.equal, or within
+    ``atol``)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape, where
+        if atol == 0.0 or not a.is_floating_point():
+            assert torch.equal(a, b), where
+        else:
+            torch.testing.assert_close(b, a, atol=atol, rtol=0, msg=where)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: {a.keys()} {b.keys()}"
+        for k in a:
+            assert_same_values(a[k], b[k], f"{where}.{k}", atol)
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_values(x, y, f"{where}[{i}]", atol)
+    elif isinstance(a, float) and atol > 0.0:
+        assert b == pytest.approx(a, abs=atol), where
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_checkpoint(a: Path, b: Path, atol: float = 0.0) -> None:
+    """Two resumable ``last/`` folders hold the same training state: every weight, every tensor
+    of the optimizer (moments, step counts), the schedule and the RNG states (optimizer.pt),
+    and the step, data position and generator states of trainer_state.json."""
+    assert_same_values(load_file(str(a / "model.safetensors")),
+                       load_file(str(b / "model.safetensors")), "weights", atol)
+    assert_same_values(torch.load(a / "optimizer.pt", weights_only=False),
+                       torch.load(b / "optimizer.pt", weights_only=False), "optimizer.pt", atol)
+    assert_same_values(json.loads((a / "trainer_state.json").read_text()),
+                       json.loads((b / "trainer_state.json").read_text()), "trainer_state")
 
 
 def test_sft_loss_falls_and_encoder_stays_frozen(tmp_path, tone_corpus, tiny_model_config):
@@ -352,3 +409,4 @@ def test_dev_evaluation_encodes_each_batch_once_with_the_same_results(tone_corpu
     assert _dev_shard(model, loader, run, "whisper") == (loss_sum, token_sum, refs, hyps)
     assert encoded == [3, 3, 2]  # one encoder pass per dev batch
     assert any(hyps) and token_sum > 8  # the comparison is over real transcripts
+
