@@ -410,3 +410,51 @@ def test_dev_evaluation_encodes_each_batch_once_with_the_same_results(tone_corpu
     assert encoded == [3, 3, 2]  # one encoder pass per dev batch
     assert any(hyps) and token_sum > 8  # the comparison is over real transcripts
 
+
+def test_accumulated_micro_batches_give_the_whole_batch_gradient(tone_corpus, tiny_model_config):
+    """train.grad_accum=2 over the two halves of a batch takes the step of grad_accum=1 over the
+    whole batch (to float rounding: the halves are padded to other lengths). Eq. 2 over the
+    batch divides every half's token sum by the tokens of both; dividing each half by its own
+    tokens would weigh the tokens of the shorter half more."""
+    from types import SimpleNamespace
+
+    from speechrl.data import make_dataloader
+    from speechrl.model import SpeechLLM
+    from speechrl.tokenizer import SpeechTokenizer
+    from speechrl.train.common import TrainerState
+    from speechrl.train.sft import sft_step
+
+    cfg = run_config(Path("unused"), tone_corpus, tiny_model_config, grad_clip=0.0)
+
+    def step(grad_accum: int, batch_size: int) -> tuple[dict, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = SpeechLLM.from_config(tiny_model_config, SpeechTokenizer.from_pretrained(
+            tiny_model_config.tokenizer))
+        grads: dict[str, torch.Tensor] = {}
+
+        class RecordingOptimizer:  # the step's gradients, as the optimizer would get them
+            def zero_grad(self, set_to_none: bool = True) -> None:
+                model.zero_grad(set_to_none=set_to_none)
+
+            def step(self) -> None:
+                grads.update({n: p.grad.clone() for n, p in model.named_parameters()
+                              if p.grad is not None})
+
+        # Evaluation order (longest first, no shuffling): the first two batches of 2 are the
+        # first batch of 4.
+        loader = make_dataloader([str(tone_corpus["dev"])], cfg.data, features="fbank",
+                                 training=False, batch_size=batch_size)
+        train = dataclasses.replace(cfg.train, grad_accum=grad_accum)
+        run = SimpleNamespace(cfg=dataclasses.replace(cfg, train=train),
+                              device=torch.device("cpu"))
+        stats = sft_step(run, model, RecordingOptimizer(), iter(loader), TrainerState())
+        return stats, grads
+
+    (whole, whole_grads), (halves, half_grads) = step(1, 4), step(2, 2)
+    assert halves["tokens"] == whole["tokens"]
+    assert halves["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert halves["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
+    assert whole_grads.keys() == half_grads.keys() and whole_grads
+    for name, g in whole_grads.items():
+        torch.testing.assert_close(half_grads[name], g, rtol=1e-4, atol=1e-7, msg=name)
+
