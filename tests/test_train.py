@@ -458,3 +458,33 @@ def test_accumulated_micro_batches_give_the_whole_batch_gradient(tone_corpus, ti
     for name, g in whole_grads.items():
         torch.testing.assert_close(half_grads[name], g, rtol=1e-4, atol=1e-7, msg=name)
 
+
+def test_best_holds_the_step_with_the_lowest_dev_wer(tmp_path, tone_corpus, tiny_model_config,
+                                                     monkeypatch):
+    """``best/`` is the first step with the lowest dev WER (a tie keeps the earlier step), with
+    that step's weights. The dev evaluation runs; its WERs are replaced by a set sequence that
+    a random model on 2 dev utterances would not give."""
+    from speechrl.train import sft
+
+    scripted = iter([0.9, 0.5, 0.7, 0.5, 0.6])
+    real = sft.dev_evaluation
+
+    def scripted_wer(*args, **kwargs) -> dict[str, float]:
+        return {**real(*args, **kwargs), "wer": next(scripted)}
+
+    monkeypatch.setattr(sft, "dev_evaluation", scripted_wer)
+    run = tmp_path / "five" / "run"
+    best = sft.train_sft(run_config(tmp_path / "five", tone_corpus, tiny_model_config,
+                                    max_steps=5, eval_every=1, dev_utterances=2))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    dev = {r["step"]: r["dev/wer"] for r in rows if "dev/wer" in r}
+    assert dev == {1: 0.9, 2: 0.5, 3: 0.7, 4: 0.5, 5: 0.6}
+    saved = json.loads((best / "trainer_state.json").read_text())
+    assert best == run / "best" and saved["step"] == min(dev, key=lambda s: (dev[s], s)) == 2
+    assert saved["dev"]["wer"] == 0.5
+    # Its weights are step 2's: those of a run that stopped there.
+    monkeypatch.undo()
+    sft.train_sft(run_config(tmp_path / "two", tone_corpus, tiny_model_config, max_steps=2))
+    assert_same_values(load_file(str(best / "model.safetensors")),
+                       load_file(str(tmp_path / "two" / "run" / "last" / "model.safetensors")),
+                       "weights")
