@@ -421,7 +421,7 @@ def test_accumulated_micro_batches_give_the_whole_batch_gradient(tone_corpus, ti
     from speechrl.data import make_dataloader
     from speechrl.model import SpeechLLM
     from speechrl.tokenizer import SpeechTokenizer
-    from speechrl.train.common import TrainerState
+    from speechrl.train.common import TrainerState, encode_targets
     from speechrl.train.sft import sft_step
 
     cfg = run_config(Path("unused"), tone_corpus, tiny_model_config, grad_clip=0.0)
@@ -440,17 +440,23 @@ def test_accumulated_micro_batches_give_the_whole_batch_gradient(tone_corpus, ti
                 grads.update({n: p.grad.clone() for n, p in model.named_parameters()
                               if p.grad is not None})
 
-        # Evaluation order (longest first, no shuffling): the first two batches of 2 are the
-        # first batch of 4.
         loader = make_dataloader([str(tone_corpus["dev"])], cfg.data, features="fbank",
                                  training=False, batch_size=batch_size)
+        loaders.append(loader)
         train = dataclasses.replace(cfg.train, grad_accum=grad_accum)
         run = SimpleNamespace(cfg=dataclasses.replace(cfg, train=train),
                               device=torch.device("cpu"))
         stats = sft_step(run, model, RecordingOptimizer(), iter(loader), TrainerState())
         return stats, grads
 
-    (whole, whole_grads), (halves, half_grads) = step(1, 4), step(2, 2)
+    # The 8 dev utterances in evaluation order (longest first, no shuffling): one batch of 8,
+    # or two of 4 whose transcripts have different lengths.
+    loaders: list = []
+    (whole, whole_grads), (halves, half_grads) = step(1, 8), step(2, 4)
+    tokenizer = SpeechTokenizer.from_pretrained(tiny_model_config.tokenizer)
+    counts = [int(encode_targets(tokenizer, b.texts, torch.device("cpu"))[1].sum())
+              for b in loaders[1]]
+    assert len(counts) == 2 and counts[0] > counts[1] and sum(counts) == whole["tokens"]
     assert halves["tokens"] == whole["tokens"]
     assert halves["loss"] == pytest.approx(whole["loss"], rel=1e-5)
     assert halves["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
