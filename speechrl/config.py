@@ -436,6 +436,10 @@ def check_stage(cfg: RunConfig, stage: str, *, source: str | None = None,
 
 
 def _check_settings(cfg: RunConfig, stage: str) -> None:
+    if cfg.train.grad_accum > 1 and stage != "sft":  # only sft_step accumulates micro-batches
+        raise ConfigError(f"train.grad_accum={cfg.train.grad_accum} applies to sft only: {stage} "
+                          "takes one batch a step; raise train.batch_size (or data.max_duration) "
+                          "instead")
     if stage == "pretrain-lm":
         if not cfg.data.train and not cfg.lm.text:
             raise ConfigError("no text to pre-train on: set data.train=[manifests] or "

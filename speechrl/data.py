@@ -725,17 +725,24 @@ class SpeechDataLoader(DataLoader):
     ``skips`` counts every row left out, at read time and at load time (rows found bad inside
     worker processes are reported back through the batches). Batches whose rows were all bad
     are not yielded, but still count as consumed for the sampler's position.
+
+    Each pass draws the workers' base seed from the loader's own generator, seeded from
+    (seed, epoch): a DataLoader without one draws it from torch's global generator, which a
+    pass begun mid-epoch by a resumed run would then advance once more than the uninterrupted
+    run did, and every later dropout mask would differ.
     """
 
     def __init__(self, dataset: SpeechDataset, *, batch_sampler: DurationBatchSampler,
                  skips: SkipCounter, num_workers: int = 0) -> None:
         super().__init__(dataset, batch_sampler=batch_sampler, collate_fn=collate,
-                         num_workers=num_workers)
+                         num_workers=num_workers, generator=torch.Generator())
         self.skips = skips
 
     def __iter__(self) -> Iterator[Batch]:
         sampler = self.batch_sampler
         self.dataset.epoch = sampler.epoch  # workers copy the dataset when the pass starts
+        seed = np.random.SeedSequence([sampler.seed, sampler.epoch]).generate_state(1)[0]
+        self.generator.manual_seed(int(seed))
         with sampler.tracked_by_consumer():
             for batch in super().__iter__():
                 sampler.advance()

@@ -146,6 +146,15 @@ def test_the_choices_are_those_the_modules_implement():
     assert set(ENCODER_FEATURES) == set(encoders.ENCODER_KINDS)
 
 
+@pytest.mark.parametrize("stage", ["pretrain-lm", "pretrain-encoder", "grpo"])
+def test_grad_accum_is_refused_where_the_stage_would_ignore_it(stage):
+    """Only SFT's step accumulates micro-batches; elsewhere train.grad_accum=2 would silently
+    take one batch a step, not two."""
+    message = refused(["train.grad_accum=2"], stage=stage)
+    assert message == (f"train.grad_accum=2 applies to sft only: {stage} takes one batch a "
+                       "step; raise train.batch_size (or data.max_duration) instead")
+
+
 def test_a_library_user_gets_the_same_checks():
     with pytest.raises(ConfigError, match="unknown train.schedule 'cosin'"):
         TrainConfig(schedule="cosin")

@@ -1,5 +1,8 @@
 """Many processes: the helpers of speechrl.distributed, and two-rank runs under torchrun (gloo on
-CPU) that must take exactly the update of one process with the same global batch.
+CPU) that must take the updates of one process with the same global batch, to float rounding:
+the same loss and gradient norm at every step (three steps for SFT and the pre-training stages,
+so that the data each rank takes from step 2 on counts), the same optimizer moments, the same
+weights.
 
 The two-rank runs go through the command line the way a user launches them
 (``torchrun --nproc_per_node 2 ...``): this file is also the script torchrun starts (see the end
@@ -8,7 +11,6 @@ of the file), which runs several ``speechrl`` commands in one launch to pay the 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import subprocess
@@ -178,9 +180,11 @@ def cli(argv: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_config_module) -> dict[str, Path]:
-    """The same jobs run by one process here and by two under torchrun: one SFT step (DDP and
-    FSDP2), one GRPO step (the GRPO preset; DAPO's token mean with batch-std advantages), and
-    an evaluation. Every SFT step ends with a dev evaluation."""
+    """The same jobs run by one process here and by two under torchrun: three SFT steps (DDP and
+    FSDP2) ending with a dev evaluation, three steps of each pre-training stage, one GRPO step
+    (the GRPO preset; DAPO's token mean with batch-std advantages), and an evaluation. The two
+    ranks also run two FSDP2 SFT steps alone (``sft-fsdp-stopped``), which one process
+    resumes."""
     import dataclasses
 
     from test_train import run_config, write_tone_corpus
@@ -194,8 +198,8 @@ def runs(tmp_path_factory, tiny_model_config_module) -> dict[str, Path]:
     out = {name: root / name for name in ("one", "two")}
 
     def sft(where: Path, **train) -> RunConfig:
-        cfg = run_config(where, corpus, tiny_model_config_module, max_steps=1, batch_size=4,
-                         lr=1e-3, warmup_steps=0, eval_every=1, save_every=1, **train)
+        cfg = run_config(where, corpus, tiny_model_config_module, max_steps=3, batch_size=4,
+                         lr=1e-3, warmup_steps=0, eval_every=3, save_every=1, **train)
         # Dev batches of ~2.5 s: several, so that both ranks decode some.
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_duration=2.5))
 
@@ -227,9 +231,9 @@ def runs(tmp_path_factory, tiny_model_config_module) -> dict[str, Path]:
             # dynamic sampling runs all its refill rounds, on every rank alike.
             "dyn": ("grpo", grpo(base / "dyn", algorithm="dapo", reward="em",
                                  max_refill_rounds=2)),
-            "lm": ("pretrain-lm", run_config(base / "lm", corpus, ModelConfig(), max_steps=1,
+            "lm": ("pretrain-lm", run_config(base / "lm", corpus, ModelConfig(), max_steps=3,
                                              batch_size=8, lr=1e-3, warmup_steps=0,
-                                             eval_every=1, save_every=1)),
+                                             eval_every=3, save_every=1)),
             "ctc": ("pretrain-encoder", dataclasses.replace(
                 sft(base / "ctc"), model=ModelConfig(encoder=tiny_model_config_module.encoder))),
         }
@@ -245,6 +249,12 @@ def runs(tmp_path_factory, tiny_model_config_module) -> dict[str, Path]:
                                             output_dir=str(base / f"{name}-fsdp" / "run"))
                 jobs.append([command, "--config", write_config(
                     dataclasses.replace(cfg, train=train), base / f"{name}-fsdp.yaml")])
+            if fsdp and name == "sft":  # stopped after 2 of the 3 steps, for a resume
+                train = dataclasses.replace(cfg.train, parallel="fsdp2", max_steps=2,
+                                            output_dir=str(base / "sft-fsdp-stopped" / "run"))
+                jobs.append([command, "--config", write_config(dataclasses.replace(
+                    cfg, train=train, data=dataclasses.replace(cfg.data, dev=())),
+                    base / "sft-fsdp-stopped.yaml")])
         jobs.append(["eval", "--checkpoint", f"sft={sft_last}", "--checkpoint", f"init={init}",
                      "--data", f"dev={corpus['dev']}", "--data", f"test={corpus['test']}",
                      "--out", str(base / "eval")])
@@ -264,8 +274,35 @@ def runs(tmp_path_factory, tiny_model_config_module) -> dict[str, Path]:
 
 
 def metrics(run: Path) -> dict[str, float]:
+    """The last value of each metric."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {k: v for row in rows for k, v in row.items() if k not in ("step", "time")}
+
+
+def assert_same_steps(one: Path, two: Path, keys: list[str], steps: int) -> None:
+    """Each metric of ``keys`` with the same values (rel 1e-5) at each of the ``steps`` steps
+    (dev metrics: once, at the end)."""
+    from test_train import logged
+
+    for key in keys:
+        a, b = logged(one, key), logged(two, key)
+        assert len(a) == (steps if key.startswith("train/") else 1), key  # dev: at the end
+        assert b == pytest.approx(a, rel=1e-5), key
+
+
+def assert_same_moments(one: Path, two: Path) -> None:
+    """The optimizer's moments after the steps: Adam's running mean and mean square of every
+    parameter's gradient, so the gradients agree parameter by parameter, not just in norm.
+    (A one-process or DDP run keeps them whole in optimizer.pt; under FSDP2 they are shards.)"""
+    a = torch.load(one / "last" / "optimizer.pt", weights_only=False)["optimizer"]["state"]
+    b = torch.load(two / "last" / "optimizer.pt", weights_only=False)["optimizer"]["state"]
+    assert a.keys() == b.keys() and a
+    for index in a:
+        assert torch.equal(a[index]["step"], b[index]["step"])
+        for moment in ("exp_avg", "exp_avg_sq"):
+            scale = a[index][moment].abs().max().item()
+            torch.testing.assert_close(b[index][moment], a[index][moment], rtol=1e-3,
+                                       atol=1e-4 * scale, msg=f"{index} {moment}")
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -273,9 +310,9 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    """Equal to float noise. Adam's first step moves each weight by about lr * sign(gradient)
-    = 1e-3; where a gradient is near Adam's eps (1e-8), the noise of summing it in another
-    order is amplified, so the bound is 1% of a step."""
+    """Equal to float noise. Each Adam step moves a weight by up to about lr = 1e-3; where a
+    gradient is near Adam's eps (1e-8), the noise of summing it in another order is amplified,
+    so the bound is 1% of a step."""
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
@@ -296,9 +333,12 @@ PARALLEL = {"ddp": "", "fsdp2": "-fsdp"}  # where the two-rank run of each kind 
 def test_sft_takes_the_one_process_update(runs, parallel):
     one, two = runs["one"] / "sft" / "run", runs["two"] / f"sft{PARALLEL[parallel]}" / "run"
     m1, m2 = metrics(one), metrics(two)
-    # The loss is the mean over the global batch's tokens, the gradient is the same one.
-    for key in ("train/loss", "train/grad_norm", "train/tokens", "dev/loss"):
-        assert m2[key] == pytest.approx(m1[key], rel=1e-5), key
+    # At each step the loss is the mean over the global batch's tokens and the gradient is the
+    # same one: the ranks took the global batch's halves, step after step.
+    assert_same_steps(one, two, ["train/loss", "train/grad_norm", "train/tokens", "dev/loss"],
+                      steps=3)
+    if parallel == "ddp":
+        assert_same_moments(one, two)
     # Dev WER over the gathered hypotheses of both ranks, on all 8 dev utterances.
     assert (m2["dev/wer"], m2["dev/utterances"]) == (m1["dev/wer"], m1["dev/utterances"]) and \
         m1["dev/utterances"] == 8
@@ -343,10 +383,10 @@ def test_dynamic_sampling_keeps_the_ranks_in_step(runs):
 @pytest.mark.parametrize("stage", ["lm", "ctc"])
 def test_pretraining_takes_the_one_process_update(runs, stage, parallel):
     one, two = runs["one"] / stage / "run", runs["two"] / f"{stage}{PARALLEL[parallel]}" / "run"
-    m1, m2 = metrics(one), metrics(two)
     keys = ["train/loss", "train/grad_norm", "dev/loss"] + (["dev/cer"] if stage == "ctc" else [])
-    for key in keys:
-        assert m2[key] == pytest.approx(m1[key], rel=1e-5), key
+    assert_same_steps(one, two, keys, steps=3)
+    if parallel == "ddp":
+        assert_same_moments(one, two)
     assert_same_weights(weights(one), weights(two))
     # What later stages load: the LM as a Hugging Face folder (tied head stored once), the
     # encoder alone.
@@ -373,27 +413,33 @@ def test_eval_under_two_processes_writes_the_one_process_report(runs):
     assert (runs["two"] / "stdout.txt").read_text().count("eval done:") == 1
 
 
-def test_fsdp2_checkpoint_resumes_in_one_process(runs, tiny_model_config_module):
-    """Two FSDP2 ranks saved step 1 (optimizer in shards); one process resumes to step 2 and
-    ends where one process running both steps ends."""
+def test_fsdp2_checkpoint_resumes_in_one_process(runs):
+    """Two FSDP2 ranks stopped after step 2 of 3 (optimizer in shards); one process resumes
+    them to step 3 and ends where one process running the three steps uninterrupted ends (to
+    float rounding: the two ranks summed the gradients in another order)."""
     import dataclasses
 
     from speechrl.config import load_run_config
     from speechrl.train.sft import train_sft
 
-    base = runs["one"].parent / "resume"
-    for name, source in (("one", "sft"), ("two", "sft-fsdp")):
-        shutil.copytree(runs[name] / source, base / name)
-        cfg = load_run_config(str(runs[name] / f"{source}.yaml"))
-        train = dataclasses.replace(cfg.train, output_dir=str(base / name / "run"), max_steps=2,
-                                    parallel="ddp")
-        data = dataclasses.replace(cfg.data, dev=())  # no dev pass: only the update matters
-        # The sampler notes that it was saved by 2 ranks (the global batches are the same).
-        warns = pytest.warns(UserWarning, match="world size") if name == "two" else (
-            contextlib.nullcontext())
-        with warns:
-            train_sft(dataclasses.replace(cfg, train=train, data=data))
-    assert_same_weights(weights(base / "one" / "run"), weights(base / "two" / "run"))
+    resumed = runs["one"].parent / "resume" / "run"
+    shutil.copytree(runs["two"] / "sft-fsdp-stopped" / "run", resumed)
+    assert json.loads((resumed / "last" / "trainer_state.json").read_text())["step"] == 2
+    cfg = load_run_config(str(runs["two"] / "sft-fsdp-stopped.yaml"))
+    train = dataclasses.replace(cfg.train, output_dir=str(resumed), max_steps=3, parallel="ddp")
+    # The sampler notes that it was saved by 2 ranks (the global batches are the same).
+    with pytest.warns(UserWarning, match="world size"):
+        train_sft(dataclasses.replace(cfg, train=train))
+    straight = runs["one"] / "sft" / "run"
+    assert logged_steps(resumed) == [1, 2, 3]
+    assert_same_steps(straight, resumed, ["train/loss", "train/grad_norm"], steps=3)
+    assert_same_moments(straight, resumed)
+    assert_same_weights(weights(straight), weights(resumed))
+
+
+def logged_steps(run: Path) -> list[int]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if "train/loss" in r]
 
 
 # --------------------------------------------------------------------------- torchrun worker

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_train import run_config, write_tone_corpus
+from test_train import assert_same_checkpoint, run_config, stop_after, write_tone_corpus
 
 from speechrl.config import GRPOConfig, RunConfig, to_dict
 
@@ -112,6 +112,57 @@ def test_sigterm_saves_exits_nonzero_and_resumes_exactly(tmp_path, corpus, sft_r
     assert last_step(cfg) == 12
     # The reference saved every 2 steps, this run only on the signal: saving changes nothing.
     assert_same_weights(last_weights(cfg), sft_reference)
+
+
+# A run of 6 steps stopped after step 2, mid warm-up of the cosine schedule (4 steps): every
+# random draw (dropout, augmentation, the data order) and every counter must continue as if
+# it had not stopped. name: (stage, signal, encoder changes, data.augment, train settings)
+STOPPED_RUNS = {
+    "lm": ("pretrain-lm", signal.SIGTERM, {}, False, dict(batch_size=8)),
+    "ctc-dropout-augment": ("pretrain-encoder", signal.SIGTERM, dict(dropout=0.1), True,
+                            dict(batch_size=4)),
+    # A trainable encoder, so that its dropout is live; SIGINT is Ctrl-C.
+    "sft-dropout-augment-accum": ("sft", signal.SIGINT, dict(dropout=0.1, freeze=False), True,
+                                  dict(batch_size=2, grad_accum=2)),
+    # 4 steps an epoch: the resumed run meets in epoch 2 the utterances the stopped run had
+    # cached, its cache empty.
+    "sft-cache-accum": ("sft", signal.SIGTERM, {}, False,
+                        dict(batch_size=4, grad_accum=2, cache_encoder_outputs=True)),
+}
+
+
+@pytest.mark.parametrize("name", STOPPED_RUNS)
+def test_a_run_stopped_mid_warmup_resumes_to_the_uninterrupted_state(
+        tmp_path, corpus, tiny_model_config_module, monkeypatch, name):
+    from speechrl.config import ModelConfig, ProjectorConfig
+    from speechrl.train import ctc, lm, sft
+    from speechrl.train.common import RunStopped
+
+    stage, signum, encoder, augment, settings = STOPPED_RUNS[name]
+    module, train = {"pretrain-lm": (lm, lm.train_lm), "pretrain-encoder": (ctc, ctc.train_ctc),
+                     "sft": (sft, sft.train_sft)}[stage]
+    tiny = tiny_model_config_module
+    model_cfg = {
+        "pretrain-lm": ModelConfig(projector=ProjectorConfig(stack=2)),
+        "pretrain-encoder": ModelConfig(encoder=dataclasses.replace(tiny.encoder, **encoder)),
+        "sft": dataclasses.replace(tiny, encoder=dataclasses.replace(tiny.encoder, **encoder)),
+    }[stage]
+
+    def config(folder: str) -> RunConfig:
+        cfg = run_config(tmp_path / folder, corpus, model_cfg, schedule="cosine", warmup_steps=4,
+                         max_steps=6, save_every=1000, eval_every=1000, **settings)
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dev=(),
+                                                                 augment=augment))
+
+    train(config("straight"))
+    stop_after(monkeypatch, module, 2, signum)
+    with pytest.raises(RunStopped) as stopped:
+        train(config("stopped"))
+    assert stopped.value.exit_code == 128 + signum
+    assert last_step(config("stopped")) == 2
+    train(config("stopped"))  # the same command again: it resumes
+    assert_same_checkpoint(tmp_path / "straight" / "run" / "last",
+                           tmp_path / "stopped" / "run" / "last")
 
 
 def test_kill9_during_sft_resumes_exactly(tmp_path, corpus, sft_reference,

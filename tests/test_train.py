@@ -1,11 +1,17 @@
 """The training stages on a tiny tone corpus: each word is a fixed chord of tones, so a tiny model
 learns the mapping in seconds on CPU. Checks that losses fall, that a resumed run ends with exactly
-the weights of an uninterrupted one, and that a frozen encoder does not move."""
+the weights of an uninterrupted one (also stopped by a signal mid warm-up, with dropout,
+augmentation, the encoder cache and gradient accumulation), that accumulated micro-batches give
+the gradient of the whole batch, that ``best/`` is the step of the lowest dev WER, and that a
+frozen encoder does not move."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import signal
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -76,6 +82,57 @@ def run_config(tmp_path: Path, corpus, model_cfg: ModelConfig, **train) -> RunCo
 def logged(path: Path, key: str) -> list[float]:
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
     return [r[key] for r in rows if key in r]
+
+
+def stop_after(monkeypatch, module, step: int, signum: int) -> None:
+    """The stage of ``module`` (its loop calls ``stop_if_needed`` between steps) gets ``signum``
+    from its own process once, right after step ``step``, as from a job scheduler or Ctrl-C: its
+    handler, not a test hook, turns that into a checkpoint and a stop."""
+    real = module.stop_if_needed
+    sent = []
+
+    def signal_then_check(run, request, *args, **kwargs) -> None:
+        if args[-1].step == step and not sent:  # args[-1]: the TrainerState
+            sent.append(signum)
+            signal.raise_signal(signum)
+        real(run, request, *args, **kwargs)
+
+    monkeypatch.setattr(module, "stop_if_needed", signal_then_check)
+
+
+def assert_same_values(a: Any, b: Any, where: str, atol: float = 0.0) -> None:
+    """Nested dicts / lists of tensors and plain values: equal (tensors torch.equal, or within
+    ``atol``)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape, where
+        if atol == 0.0 or not a.is_floating_point():
+            assert torch.equal(a, b), where
+        else:
+            torch.testing.assert_close(b, a, atol=atol, rtol=0, msg=where)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: {a.keys()} {b.keys()}"
+        for k in a:
+            assert_same_values(a[k], b[k], f"{where}.{k}", atol)
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_values(x, y, f"{where}[{i}]", atol)
+    elif isinstance(a, float) and atol > 0.0:
+        assert b == pytest.approx(a, abs=atol), where
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_checkpoint(a: Path, b: Path, atol: float = 0.0) -> None:
+    """Two resumable ``last/`` folders hold the same training state: every weight, every tensor
+    of the optimizer (moments, step counts), the schedule and the RNG states (optimizer.pt),
+    and the step, data position and generator states of trainer_state.json."""
+    assert_same_values(load_file(str(a / "model.safetensors")),
+                       load_file(str(b / "model.safetensors")), "weights", atol)
+    assert_same_values(torch.load(a / "optimizer.pt", weights_only=False),
+                       torch.load(b / "optimizer.pt", weights_only=False), "optimizer.pt", atol)
+    assert_same_values(json.loads((a / "trainer_state.json").read_text()),
+                       json.loads((b / "trainer_state.json").read_text()), "trainer_state")
 
 
 def test_sft_loss_falls_and_encoder_stays_frozen(tmp_path, tone_corpus, tiny_model_config):
@@ -352,3 +409,88 @@ def test_dev_evaluation_encodes_each_batch_once_with_the_same_results(tone_corpu
     assert _dev_shard(model, loader, run, "whisper") == (loss_sum, token_sum, refs, hyps)
     assert encoded == [3, 3, 2]  # one encoder pass per dev batch
     assert any(hyps) and token_sum > 8  # the comparison is over real transcripts
+
+
+def test_accumulated_micro_batches_give_the_whole_batch_gradient(tone_corpus, tiny_model_config):
+    """train.grad_accum=2 over the two halves of a batch takes the step of grad_accum=1 over the
+    whole batch (to float rounding: the halves are padded to other lengths). Eq. 2 over the
+    batch divides every half's token sum by the tokens of both; dividing each half by its own
+    tokens would weigh the tokens of the shorter half more."""
+    from types import SimpleNamespace
+
+    from speechrl.data import make_dataloader
+    from speechrl.model import SpeechLLM
+    from speechrl.tokenizer import SpeechTokenizer
+    from speechrl.train.common import TrainerState, encode_targets
+    from speechrl.train.sft import sft_step
+
+    cfg = run_config(Path("unused"), tone_corpus, tiny_model_config, grad_clip=0.0)
+
+    def step(grad_accum: int, batch_size: int) -> tuple[dict, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = SpeechLLM.from_config(tiny_model_config, SpeechTokenizer.from_pretrained(
+            tiny_model_config.tokenizer))
+        grads: dict[str, torch.Tensor] = {}
+
+        class RecordingOptimizer:  # the step's gradients, as the optimizer would get them
+            def zero_grad(self, set_to_none: bool = True) -> None:
+                model.zero_grad(set_to_none=set_to_none)
+
+            def step(self) -> None:
+                grads.update({n: p.grad.clone() for n, p in model.named_parameters()
+                              if p.grad is not None})
+
+        loader = make_dataloader([str(tone_corpus["dev"])], cfg.data, features="fbank",
+                                 training=False, batch_size=batch_size)
+        loaders.append(loader)
+        train = dataclasses.replace(cfg.train, grad_accum=grad_accum)
+        run = SimpleNamespace(cfg=dataclasses.replace(cfg, train=train),
+                              device=torch.device("cpu"))
+        stats = sft_step(run, model, RecordingOptimizer(), iter(loader), TrainerState())
+        return stats, grads
+
+    # The 8 dev utterances in evaluation order (longest first, no shuffling): one batch of 8,
+    # or two of 4 whose transcripts have different lengths.
+    loaders: list = []
+    (whole, whole_grads), (halves, half_grads) = step(1, 8), step(2, 4)
+    tokenizer = SpeechTokenizer.from_pretrained(tiny_model_config.tokenizer)
+    counts = [int(encode_targets(tokenizer, b.texts, torch.device("cpu"))[1].sum())
+              for b in loaders[1]]
+    assert len(counts) == 2 and counts[0] > counts[1] and sum(counts) == whole["tokens"]
+    assert halves["tokens"] == whole["tokens"]
+    assert halves["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert halves["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
+    assert whole_grads.keys() == half_grads.keys() and whole_grads
+    for name, g in whole_grads.items():
+        torch.testing.assert_close(half_grads[name], g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_best_holds_the_step_with_the_lowest_dev_wer(tmp_path, tone_corpus, tiny_model_config,
+                                                     monkeypatch):
+    """``best/`` is the first step with the lowest dev WER (a tie keeps the earlier step), with
+    that step's weights. The dev evaluation runs; its WERs are replaced by a set sequence that
+    a random model on 2 dev utterances would not give."""
+    from speechrl.train import sft
+
+    scripted = iter([0.9, 0.5, 0.7, 0.5, 0.6])
+    real = sft.dev_evaluation
+
+    def scripted_wer(*args, **kwargs) -> dict[str, float]:
+        return {**real(*args, **kwargs), "wer": next(scripted)}
+
+    monkeypatch.setattr(sft, "dev_evaluation", scripted_wer)
+    run = tmp_path / "five" / "run"
+    best = sft.train_sft(run_config(tmp_path / "five", tone_corpus, tiny_model_config,
+                                    max_steps=5, eval_every=1, dev_utterances=2))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    dev = {r["step"]: r["dev/wer"] for r in rows if "dev/wer" in r}
+    assert dev == {1: 0.9, 2: 0.5, 3: 0.7, 4: 0.5, 5: 0.6}
+    saved = json.loads((best / "trainer_state.json").read_text())
+    assert best == run / "best" and saved["step"] == min(dev, key=lambda s: (dev[s], s)) == 2
+    assert saved["dev"]["wer"] == 0.5
+    # Its weights are step 2's: those of a run that stopped there.
+    monkeypatch.undo()
+    sft.train_sft(run_config(tmp_path / "two", tone_corpus, tiny_model_config, max_steps=2))
+    assert_same_values(load_file(str(best / "model.safetensors")),
+                       load_file(str(tmp_path / "two" / "run" / "last" / "model.safetensors")),
+                       "weights")

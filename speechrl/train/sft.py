@@ -87,20 +87,25 @@ def train_sft(cfg: RunConfig) -> Path:
 
 def sft_step(run: Run, model, optimizer, batches, state: TrainerState,
              cache: EncoderOutputCache | None = None) -> dict | None:
-    """One optimizer step over ``grad_accum`` batches; None when the step was skipped as
-    non-finite (counted; the run stops after ``max_nonfinite_steps`` in a row). ``cache``
-    supplies the frozen encoder's frames when ``train.cache_encoder_outputs`` is on."""
+    """One optimizer step over ``grad_accum`` batches, with the gradient of one batch holding
+    them all (each rank's and each micro-batch's token sum over the tokens of the whole step);
+    None when the step was skipped as non-finite (counted; the run stops after
+    ``max_nonfinite_steps`` in a row). ``cache`` supplies the frozen encoder's frames when
+    ``train.cache_encoder_outputs`` is on."""
     cfg = run.cfg.train
     tokenizer = distributed.unwrap(model).tokenizer
     model.train()
     optimizer.zero_grad(set_to_none=True)
     ctc_weight = cfg.speech_ctc_weight
-    total_loss, total_ctc, total_tokens = 0.0, 0.0, 0
-    for i in range(cfg.grad_accum):
-        batch = next(batches).to(run.device)
-        targets, mask = encode_targets(tokenizer, batch.texts, run.device)
-        # The batch's tokens over all ranks normalise every rank's sum (eq. 2 over the batch).
-        tokens = distributed.all_reduce_sum([int(mask.sum())])[0]
+    total_loss, total_ctc = 0.0, 0.0
+    # The step's tokens, in all grad_accum micro-batches over all ranks, normalise every
+    # micro-batch's sum (eq. 2 over the step's whole batch): the gradient is that of one batch
+    # of them all, whatever the split. Each micro-batch's own count would weigh short ones more.
+    micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
+    encoded = [encode_targets(tokenizer, b.texts, run.device) for b in micro_batches]
+    tokens = distributed.all_reduce_sum([sum(int(mask.sum()) for _, mask in encoded)])[0]
+    for i, (batch, (targets, mask)) in enumerate(zip(micro_batches, encoded, strict=True)):
+        batch = batch.to(run.device)
         with distributed.gradient_sync(model, enabled=i == cfg.grad_accum - 1):
             with autocast(run.device, cfg.precision):
                 frames = cache(model, batch) if cache is not None else None
@@ -114,9 +119,8 @@ def sft_step(run: Run, model, optimizer, batches, state: TrainerState,
                                       blank=tokenizer.pad_id, num_tokens=max(tokens, 1))
                 objective = loss + ctc_weight * ctc
                 total_ctc += ctc.item()
-            (objective * distributed.world_size() / cfg.grad_accum).backward()
+            (objective * distributed.world_size()).backward()
         total_loss += loss.item()
-        total_tokens += int(tokens)
     # Each rank's loss is its share of the global mean: their sum is the batch's loss.
     total_loss, total_ctc = distributed.all_reduce_sum([total_loss, total_ctc])
     if state.step < cfg.llm_frozen_steps:
@@ -130,9 +134,9 @@ def sft_step(run: Run, model, optimizer, batches, state: TrainerState,
         return None
     optimizer.step()
     state.nonfinite_in_row = 0
-    stats = {"loss": total_loss / cfg.grad_accum, "grad_norm": grad_norm, "tokens": total_tokens}
+    stats = {"loss": total_loss, "grad_norm": grad_norm, "tokens": int(tokens)}
     if ctc_weight > 0:
-        stats["speech_ctc"] = total_ctc / cfg.grad_accum
+        stats["speech_ctc"] = total_ctc
     return stats
 
 
