@@ -276,6 +276,7 @@ def test_sampler_shards_evenly_disjointly_and_cover_the_epoch():
     # Together they hold every batch of the one-rank epoch (the same seed makes the same
     # batches) except the last len % 3, which three ranks cannot share out evenly.
     whole = list(DurationBatchSampler(DURS, max_duration=3.0, seed=0))
+    assert sorted(flatten(whole)) == list(range(16))  # one rank: everything, once
     usable = len(whole) // 3 * 3
     assert sorted(flatten(sum(shards, []))) == sorted(flatten(whole[:usable]))
     assert len(whole) - usable < 3
