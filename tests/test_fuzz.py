@@ -213,13 +213,16 @@ def test_loaders_count_every_planted_row(tmp_path, seed):
     write_tone_corpus(tmp_path / "corpus", 6, seed=seed)
     manifest, train, evaluation, kept = fuzz_manifest(tmp_path / "corpus", seed, "fuzz.jsonl",
                                                       extra=10)
-    for training, expected in ((True, train), (False, evaluation)):
+    rows = len(manifest.read_bytes().splitlines())  # good and planted, one line each
+    # Training keeps every row not counted as skipped (one rank, nothing dropped for sharing);
+    # evaluation keeps empty texts too.
+    for training, expected, survivors in ((True, train, rows - sum(train.values())),
+                                          (False, evaluation, kept)):
         loader = make_dataloader([manifest], DATA, features="fbank", training=training,
                                  batch_size=4 if training else None)
         ids = [i for batch in loader for i in batch.ids]
         assert loader.skips.counts == dict(sorted(expected.items())), (training, seed)
-        if not training:
-            assert len(ids) == kept
+        assert len(ids) == len(set(ids)) == survivors, (training, seed)
 
 
 def stage(command: str, cfg, root: Path, capsys) -> str:

@@ -119,20 +119,29 @@ def test_shared_prompt_with_lora(llm_dirs, tiny_tokenizer_dir, tiny_encoder_conf
         torch.testing.assert_close(shared_grads[name], grad, rtol=0, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("shared", [False, True])
 def test_each_candidate_is_scored_against_its_own_audio(llm_dirs, tiny_tokenizer_dir,
-                                                        tiny_encoder_config):
-    # Candidate b*G + g, run alone with audio b, has the log-probs it has in the group.
+                                                        tiny_encoder_config, shared):
+    # Candidate b*G + g, run alone (batch of one, no padding) with audio b, has the log-probs it
+    # has in the group: the speech is repeated audio-major (repeat_interleave), not tiled
+    # (repeat, which pairs row 1 with audio 1). Both paths: the speech repeated per candidate,
+    # and the shared prompt pass (its logits, cache, mask and positions are each repeated).
     model = speech_llm(llm_dirs["llama-tied"], tiny_tokenizer_dir, tiny_encoder_config).eval()
-    feats, lengths, tokens, mask, _ = candidates(3, 2, model.tokenizer.vocab_size)
+    B, G = 3, 2
+    feats, lengths, tokens, mask, _ = candidates(B, G, model.tokenizer.vocab_size)
     with torch.no_grad():
-        grouped = token_logprobs(model(feats, lengths, tokens, mask, group_size=2,
-                                       shared_prompt=True), tokens, mask)
-        for row in range(6):
-            b = row // 2
+        grouped = token_logprobs(model(feats, lengths, tokens, mask, group_size=G,
+                                       shared_prompt=shared), tokens, mask)
+        for row in range(B * G):
+            b = row // G
             alone = token_logprobs(model(feats[b : b + 1, : lengths[b]], lengths[b : b + 1],
                                          tokens[row : row + 1], mask[row : row + 1]),
                                    tokens[row : row + 1], mask[row : row + 1])
             torch.testing.assert_close(grouped[row : row + 1], alone, rtol=0, atol=1e-5)
+        # The check can tell the audios apart: candidate 1 scored against audio 1 differs.
+        wrong = token_logprobs(model(feats[1:2, : lengths[1]], lengths[1:2], tokens[1:2],
+                                     mask[1:2]), tokens[1:2], mask[1:2])
+        assert (wrong - grouped[1:2]).abs().max() > 1e-3
 
 
 def test_unchecked_models_fall_back_and_say_so(tiny_model):
