@@ -154,25 +154,19 @@ def sampled_rewards(checkpoint: Path, manifest: Path, reward: str = "wer",
     return np.asarray(per_utt)
 
 
-@torch.no_grad()
 def greedy_errors(checkpoint: Path, manifest: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Per utterance, greedy decoding's word errors and the reference's words."""
+    """Per utterance, greedy decoding's word errors and the reference's words, decoded as
+    ``speechrl eval`` decodes (:func:`speechrl.evaluate.decode_manifest`)."""
     from speechrl.checkpoint import load_model
-    from speechrl.config import DataConfig
-    from speechrl.data import make_dataloader
-    from speechrl.generate import DecodingOptions, generate
+    from speechrl.evaluate import decode_manifest
+    from speechrl.generate import DecodingOptions
     from speechrl.metrics import error_counts
 
-    model = load_model(checkpoint).eval()
-    loader = make_dataloader([str(manifest)], DataConfig(), features="fbank", training=False)
-    errors, words = [], []
-    for batch in loader:
-        result = generate(model, batch.inputs, batch.input_lengths,
-                          DecodingOptions(max_new_tokens=16))
-        per_utt, _ = error_counts(list(batch.texts), result.texts)
-        errors += [c.errors for c in per_utt]
-        words += [c.ref_words for c in per_utt]
-    return np.asarray(errors, dtype=np.float64), np.asarray(words, dtype=np.float64)
+    hyps = decode_manifest(load_model(checkpoint), manifest, device=torch.device("cpu"),
+                           options=DecodingOptions(max_new_tokens=16))
+    per_utt, _ = error_counts([h.ref for h in hyps], [h.hyp for h in hyps])
+    return (np.asarray([c.errors for c in per_utt], dtype=np.float64),
+            np.asarray([c.ref_words for c in per_utt], dtype=np.float64))
 
 
 def mean_change(before: np.ndarray, after: np.ndarray):
@@ -212,9 +206,16 @@ def learning(sft_model, tiny_model_config_module):
                 done[name] = train_grpo(cfg).parent / "last"
         return done[name]
 
-    before = {"wer": sampled_rewards(sft, corpus["train"]),
-              "greedy": greedy_errors(sft, corpus["train"])}
-    return SimpleNamespace(run=run, before=before, corpus=corpus, sft=sft)
+    scores: dict[tuple[Path, str], np.ndarray] = {}
+
+    def sampled(checkpoint: Path, reward: str = "wer") -> np.ndarray:
+        """:func:`sampled_rewards` on the training set, once per checkpoint and reward."""
+        if (checkpoint, reward) not in scores:
+            scores[checkpoint, reward] = sampled_rewards(checkpoint, corpus["train"], reward)
+        return scores[checkpoint, reward]
+
+    before = {"wer": sampled(sft), "greedy": greedy_errors(sft, corpus["train"])}
+    return SimpleNamespace(run=run, sampled=sampled, before=before, corpus=corpus, sft=sft)
 
 
 def report(name: str, before: np.ndarray, after: np.ndarray) -> str:
@@ -233,7 +234,7 @@ def test_grpo_raises_expected_reward(learning, algorithm):
 
     run, before, corpus = learning.run, learning.before, learning.corpus
     last = run(algorithm, algorithm=algorithm)
-    after = sampled_rewards(last, corpus["train"])
+    after = learning.sampled(last)
     line = report(f"{algorithm} expected -WER", before["wer"], after)
     assert mean_change(before["wer"], after).low > 0, line
     errors, words = before["greedy"]
@@ -249,12 +250,10 @@ def test_shuffled_rewards_teach_clearly_less(learning):
     reference. Sharpening the policy towards its own mode (e.g. a bug that made every advantage
     positive) would raise the sampled reward here as much as in the real run; the real run must
     end significantly above the control."""
-    run, before, corpus = learning.run, learning.before, learning.corpus
-    real = sampled_rewards(run("grpo", algorithm="grpo"), corpus["train"])
-    control = sampled_rewards(
-        run("control", reward_fn=lambda grpo: rolled_references(
-            build_reward_fn(grpo), grpo.group_size), algorithm="grpo"),
-        corpus["train"])
+    run, sampled, before = learning.run, learning.sampled, learning.before
+    real = sampled(run("grpo", algorithm="grpo"))
+    control = sampled(run("control", reward_fn=lambda grpo: rolled_references(
+        build_reward_fn(grpo), grpo.group_size), algorithm="grpo"))
     report("control (rolled references) expected -WER", before["wer"], control)
     line = report("real run against the control", control, real)
     assert mean_change(control, real).low > 0, line
@@ -266,13 +265,12 @@ def test_grpo_follows_a_reward_the_likelihood_does_not_favour(learning, monkeypa
     from speechrl import rewards
 
     monkeypatch.setitem(rewards.REWARDS, "target_length", target_length_reward)
-    train = learning.corpus["train"]
-    before = sampled_rewards(learning.sft, train, reward="target_length")
+    before = learning.sampled(learning.sft, reward="target_length")
     # The rollout's cap from the audio's duration (8 tokens for these short clips) would cut
     # 7-word candidates short; lift it so that training and this measurement see the same cap.
     last = learning.run("length", algorithm="grpo", reward="target_length",
                         tokens_per_second=1000.0)
-    after = sampled_rewards(last, train, reward="target_length")
+    after = learning.sampled(last, reward="target_length")
     line = report("length reward", before, after)
     assert mean_change(before, after).low > 0, line
 
