@@ -426,7 +426,7 @@ def test_accumulated_micro_batches_give_the_whole_batch_gradient(tone_corpus, ti
 
     cfg = run_config(Path("unused"), tone_corpus, tiny_model_config, grad_clip=0.0)
 
-    def step(grad_accum: int, batch_size: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    def step(grad_accum: int, batch_size: int) -> tuple[dict, dict[str, torch.Tensor], list]:
         torch.manual_seed(0)
         model = SpeechLLM.from_config(tiny_model_config, SpeechTokenizer.from_pretrained(
             tiny_model_config.tokenizer))
@@ -442,20 +442,18 @@ def test_accumulated_micro_batches_give_the_whole_batch_gradient(tone_corpus, ti
 
         loader = make_dataloader([str(tone_corpus["dev"])], cfg.data, features="fbank",
                                  training=False, batch_size=batch_size)
-        loaders.append(loader)
         train = dataclasses.replace(cfg.train, grad_accum=grad_accum)
         run = SimpleNamespace(cfg=dataclasses.replace(cfg, train=train),
                               device=torch.device("cpu"))
         stats = sft_step(run, model, RecordingOptimizer(), iter(loader), TrainerState())
-        return stats, grads
+        return stats, grads, list(loader)
 
     # The 8 dev utterances in evaluation order (longest first, no shuffling): one batch of 8,
     # or two of 4 whose transcripts have different lengths.
-    loaders: list = []
-    (whole, whole_grads), (halves, half_grads) = step(1, 8), step(2, 4)
+    (whole, whole_grads, _), (halves, half_grads, half_batches) = step(1, 8), step(2, 4)
     tokenizer = SpeechTokenizer.from_pretrained(tiny_model_config.tokenizer)
     counts = [int(encode_targets(tokenizer, b.texts, torch.device("cpu"))[1].sum())
-              for b in loaders[1]]
+              for b in half_batches]
     assert len(counts) == 2 and counts[0] > counts[1] and sum(counts) == whole["tokens"]
     assert halves["tokens"] == whole["tokens"]
     assert halves["loss"] == pytest.approx(whole["loss"], rel=1e-5)
