@@ -298,10 +298,11 @@ def _check_synth_arguments(args: argparse.Namespace) -> None:
             raise ConfigError(f"{option} {value}: give at least 1")
     from speechrl.synth import TrainMix
 
-    try:
-        TrainMix.parse(args.train_mix)
-    except ValueError as err:
-        raise ConfigError(f"--train-mix {args.train_mix}: {err}") from None
+    for option, value in (("--train-mix", args.train_mix), ("--grpo-mix", args.grpo_mix)):
+        try:
+            TrainMix.parse(value)
+        except ValueError as err:
+            raise ConfigError(f"{option} {value}: {err}") from None
     check_output_folder(args.out, "--out")
 
 

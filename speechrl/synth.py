@@ -195,7 +195,15 @@ SETS = (
     SetSpec("ood_long", 0.06, "in_domain", "long",
             "one in-domain speaker, two or more sentences joined by 0.2-0.6 s pauses, 12-20 s "
             "long (training utterances last at most about 10 s)"),
+    # GRPO's own training set: sentences SFT never saw, so that the policy's rollouts err as
+    # they would on new speech (on its SFT set the model is fitted: docs/results.md). Sized
+    # from ``utts``, not ``eval_utts``; last, so adding it changed no other set.
+    SetSpec("grpo_train", 0.2, "in_domain", "clean",
+            "in-domain voices, clean unless --grpo-mix degrades some; sentences no other set "
+            "holds"),
 )
+# The sets sized as a share of the training utterances (``utts``), whatever ``eval_utts`` says.
+TRAINING_SETS = ("train", "grpo_train")
 
 # What ood_nonspeech clips hold, each drawn equally often.
 NONSPEECH_KINDS = ("babble", "noise", "tones", "silence")
@@ -273,18 +281,20 @@ def set_sizes(utts: int, eval_utts: int | None = None) -> dict[str, int]:
     if utts < 1 or base < 1:
         raise ValueError(f"utts and eval_utts (utterances per language) must be >= 1, got "
                          f"{utts} and {eval_utts}")
-    return {s.name: utts if s.name == "train" else max(1, round(s.share * base)) for s in SETS}
+    return {s.name: max(1, round(s.share * (utts if s.name in TRAINING_SETS else base)))
+            for s in SETS}
 
 
 def plan_corpus(langs: Sequence[str], utts: int, seed: int,
-                eval_utts: int | None = None,
-                train_mix: TrainMix | None = None) -> list[UtterancePlan]:
+                eval_utts: int | None = None, train_mix: TrainMix | None = None,
+                grpo_mix: TrainMix | None = None) -> list[UtterancePlan]:
     """Every utterance of the corpus: text, speaker and condition, from ``seed`` alone.
 
     No sentence appears twice in a language, so the test sets share no text with training
     (a probe's interfering or babbling talkers may say anything: they are not transcribed).
-    ``train_mix`` degrades some training utterances and adds non-speech ones; it draws from
-    generators of its own, so every other utterance stays as in the clean corpus.
+    ``train_mix`` degrades some training utterances and adds non-speech ones, ``grpo_mix`` the
+    same for ``grpo_train``; each draws from generators of its own, so every other utterance
+    stays as in the clean corpus.
     """
     sizes = set_sizes(utts, eval_utts)
     plans = []
@@ -316,22 +326,26 @@ def plan_corpus(langs: Sequence[str], utts: int, seed: int,
                     set_name=spec.name, id=f"{spec.name}-{lang}-{i:05d}", language=lang,
                     text=text, speaker=draw_speaker(spec.pool, rng), condition=spec.condition,
                     seed=(seed, si, li, i), **extra))
-        if train_mix is not None:
-            plans = _mix_into_train(plans, train_mix, generator, lang, li, seed, utts)
+        for set_name, mix in (("train", train_mix), ("grpo_train", grpo_mix)):
+            if mix is not None:
+                plans = _mix_into(plans, set_name, mix, generator, lang, li, seed,
+                                  sizes[set_name])
     # Sets in SETS order, each grouped by language, as the manifests list them.
     order = {s.name: k for k, s in enumerate(SETS)}
     return sorted(plans, key=lambda p: (order[p.set_name], langs.index(p.language)))
 
 
-def _mix_into_train(plans: list[UtterancePlan], mix: TrainMix, generator: SentenceGenerator,
-                    lang: str, li: int, seed: int, utts: int) -> list[UtterancePlan]:
-    """The plans with language ``lang``'s training utterances degraded by ``mix``, and its
-    non-speech training clips appended (ids ``train-<lang>-n<k>``)."""
-    si = [s.name for s in SETS].index("train")
+def _mix_into(plans: list[UtterancePlan], set_name: str, mix: TrainMix,
+              generator: SentenceGenerator, lang: str, li: int, seed: int,
+              utts: int) -> list[UtterancePlan]:
+    """The plans with language ``lang``'s utterances of ``set_name`` (a training set of ``utts``
+    utterances a language) degraded by ``mix``, and its non-speech clips appended (ids
+    ``<set_name>-<lang>-n<k>``)."""
+    si = [s.name for s in SETS].index(set_name)
     rng = np.random.default_rng([seed, si, li, 1])  # the mix's own stream
     out = []
     for plan in plans:
-        if plan.set_name != "train" or plan.language != lang:
+        if plan.set_name != set_name or plan.language != lang:
             out.append(plan)
             continue
         u = rng.random()
@@ -352,7 +366,7 @@ def _mix_into_train(plans: list[UtterancePlan], mix: TrainMix, generator: Senten
             babble = tuple((generator.sentence(rng), draw_speaker("in_domain", rng))
                            for _ in range(int(rng.integers(3, 7))))
         out.append(UtterancePlan(
-            set_name="train", id=f"train-{lang}-n{k:05d}", language=lang, text="",
+            set_name=set_name, id=f"{set_name}-{lang}-n{k:05d}", language=lang, text="",
             speaker=draw_speaker("in_domain", rng), condition="mix_nonspeech",
             seed=(seed, si, li, 1, k), babble=babble, nonspeech=kind))
     return out
@@ -553,6 +567,7 @@ def synthesize_corpus(
     progress: bool = True,
     eval_utts: int | None = None,
     train_mix: TrainMix | None = None,
+    grpo_mix: TrainMix | None = None,
 ) -> dict[str, Path]:
     """Write the corpus under ``out_dir``; returns {set name: manifest path}.
 
@@ -560,7 +575,8 @@ def synthesize_corpus(
     ood_noisy and ood_farfield 10 %, adapt_train 25 %, adapt_dev 5 %, adapt_test 10 %,
     ood_overlap 10 %, ood_nonspeech and ood_long 6 % (at least one each) — of ``eval_utts``
     instead when given. ``workers`` defaults to the CPUs available. ``train_mix`` degrades
-    some training utterances and adds non-speech training clips (:class:`TrainMix`).
+    some training utterances and adds non-speech training clips (:class:`TrainMix`);
+    ``grpo_mix`` does the same to ``grpo_train`` (20 % of ``utts``, sentences SFT never sees).
     """
     langs = tuple(langs)
     unknown = [lang for lang in langs if lang not in LANGUAGES]
@@ -568,7 +584,7 @@ def synthesize_corpus(
         raise ValueError(f"languages {unknown or '(none)'} not supported; choose from {LANGUAGES}")
     out = Path(out_dir)
     version = espeak_version()  # fails early, with advice, when espeak-ng is missing
-    plans = plan_corpus(langs, utts, seed, eval_utts, train_mix)
+    plans = plan_corpus(langs, utts, seed, eval_utts, train_mix, grpo_mix)
     for spec in SETS:
         shutil.rmtree(out / "audio" / spec.name, ignore_errors=True)
         (out / "audio" / spec.name).mkdir(parents=True)
@@ -583,7 +599,8 @@ def synthesize_corpus(
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in set_rows),
             encoding="utf-8")
     # Written last: its presence says the corpus is complete.
-    _write_description(out, by_set, langs, utts, seed, version, train_mix or TrainMix())
+    _write_description(out, by_set, langs, utts, seed, version, train_mix or TrainMix(),
+                       grpo_mix or TrainMix())
     return manifests
 
 
@@ -610,7 +627,8 @@ def _render_all(out: Path, plans: list[UtterancePlan], workers: int | None,
 
 
 def _write_description(out: Path, by_set: dict[str, list[dict]], langs: Sequence[str],
-                       utts: int, seed: int, version: str, train_mix: TrainMix) -> None:
+                       utts: int, seed: int, version: str, train_mix: TrainMix,
+                       grpo_mix: TrainMix) -> None:
     sets = {}
     for spec in SETS:
         mine = by_set[spec.name]
@@ -631,6 +649,9 @@ def _write_description(out: Path, by_set: dict[str, list[dict]], langs: Sequence
         "train_mix": dataclasses.asdict(train_mix),
         "train_domains": {d: sum(r["domain"] == d for r in by_set["train"])
                           for d in sorted({r["domain"] for r in by_set["train"]})},
+        "grpo_mix": dataclasses.asdict(grpo_mix),
+        "grpo_train_domains": {d: sum(r["domain"] == d for r in by_set["grpo_train"])
+                               for d in sorted({r["domain"] for r in by_set["grpo_train"]})},
         "sample_rate": SAMPLE_RATE,
         "format": "flac",
         "espeak_ng": version,
@@ -662,6 +683,8 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                              "overlapped) and add non-speech clips with empty references, with "
                              "in-domain voices and noise families the test sets never use "
                              "(default: a clean training set)")
+    parser.add_argument("--grpo-mix", default="", metavar="noisy=S,overlap=S,nonspeech=S",
+                        help="the same for grpo_train, GRPO's own training set (default: clean)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes (default: every available CPU)")
@@ -673,7 +696,8 @@ def synth_main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     manifests = synthesize_corpus(args.out, langs=langs, utts=args.utts, seed=args.seed,
                                   workers=args.workers, eval_utts=args.eval_utts,
-                                  train_mix=TrainMix.parse(args.train_mix))
+                                  train_mix=TrainMix.parse(args.train_mix),
+                                  grpo_mix=TrainMix.parse(args.grpo_mix))
     elapsed = time.perf_counter() - start
     description = json.loads((Path(args.out) / "corpus.json").read_text(encoding="utf-8"))
     total = sum(s["utterances"] for s in description["sets"].values())

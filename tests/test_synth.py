@@ -34,7 +34,7 @@ def test_plan_sizes_pools_and_unseen_text():
     sizes = synth.set_sizes(20)
     assert sizes == {"train": 20, "dev": 2, "test": 2, "ood_noisy": 2, "ood_farfield": 2,
                      "adapt_train": 5, "adapt_dev": 1, "adapt_test": 2, "ood_overlap": 2,
-                     "ood_nonspeech": 1, "ood_long": 1}
+                     "ood_nonspeech": 1, "ood_long": 1, "grpo_train": 4}
     assert len(plans) == 2 * sum(sizes.values())
     pool_of = {s.name: s.pool for s in synth.SETS}
     for p in plans:
@@ -64,9 +64,9 @@ def test_eval_utts_sizes_the_other_sets_apart_from_train():
     assert synth.set_sizes(60, eval_utts=20) == {
         "train": 60, "dev": 2, "test": 2, "ood_noisy": 2, "ood_farfield": 2,
         "adapt_train": 5, "adapt_dev": 1, "adapt_test": 2, "ood_overlap": 2,
-        "ood_nonspeech": 1, "ood_long": 1}
+        "ood_nonspeech": 1, "ood_long": 1, "grpo_train": 12}  # GRPO's: 20 % of the 60
     plans = synth.plan_corpus(["en"], utts=60, seed=3, eval_utts=20)
-    assert len(plans) == 60 + 20
+    assert len(plans) == 60 + 20 + 12
     small = synth.plan_corpus(["en"], utts=20, seed=3)
     # train draws from its own stream: the first 20 sentences are those of the smaller corpus
     assert [p.text for p in plans if p.set_name == "train"][:20] == \
@@ -133,6 +133,25 @@ def test_small_corpus_is_complete_readable_and_deterministic(tmp_path):
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
 
 
+def test_grpo_train_holds_new_sentences_and_its_own_mix():
+    mix = synth.TrainMix(noisy=0.25, overlap=0.25, nonspeech=0.25)
+    plans = synth.plan_corpus(["en", "de"], utts=40, seed=0, eval_utts=20, grpo_mix=mix)
+    clean = synth.plan_corpus(["en", "de"], utts=40, seed=0, eval_utts=20)
+    # Every other set as in the clean corpus; grpo_train's sentences are in no other set.
+    assert [p for p in plans if p.set_name != "grpo_train"] == \
+        [p for p in clean if p.set_name != "grpo_train"]
+    grpo = [p for p in plans if p.set_name == "grpo_train"]
+    others = {p.text for p in plans if p.set_name != "grpo_train"}
+    assert not {p.text for p in grpo if p.text} & others
+    conditions = [p.condition for p in grpo]
+    assert conditions.count("mix_nonspeech") == 2 * 2  # 25 % of grpo_train's 8, per language
+    assert len(grpo) == 2 * 8 + 4 and conditions.count("clean") < 16
+    assert {p.id for p in grpo if p.condition == "mix_nonspeech"} == \
+        {f"grpo_train-{lang}-n{k:05d}" for lang in ("en", "de") for k in range(2)}
+    in_domain = set(synth.VOICE_POOLS["in_domain"])
+    assert all(s.variant in in_domain for p in grpo for _, s in p.babble)
+
+
 def test_unknown_language_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"languages \['xx'\] not supported"):
         synth.synthesize_corpus(tmp_path, langs=["en", "xx"], utts=1)
@@ -163,6 +182,7 @@ def test_train_mix_degrades_a_share_of_training_and_adds_nonspeech():
     assert not set(synth.MIX_NONSPEECH_KINDS) & {"noise", "tones", "silence"}
     with pytest.raises(ValueError, match="noisy=S, overlap=S or nonspeech=S"):
         synth.TrainMix.parse("noise=0.1")
+    assert not [p for p in plans if p.set_name == "grpo_train" and p.condition != "clean"]
     assert synth.TrainMix.parse("noisy=0.1, nonspeech=0.02") == synth.TrainMix(0.1, 0, 0.02)
     with pytest.raises(ValueError, match=r"share must lie in \[0, 1\]"):
         synth.TrainMix(overlap=1.5)
