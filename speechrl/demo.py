@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speechrl.config import load_run_config
-from speechrl.report import Section
+from speechrl.report import Finding, Section
 from speechrl.runtime import say
 
 
@@ -162,6 +162,23 @@ SECTIONS = (
                   "in domain)", sets=("adapt_test", "test"),
             checkpoints=("sft", "adapt_sft", "adapt_grpo"), relative=True),
 )
+# The paper's findings (sections III-IV) as the demo can check them, each with its interval.
+FINDINGS = (
+    Finding("GRPO lowers in-domain WER (table II)", "test", "wer_pct", "grpo", "sft"),
+    Finding("GRPO cuts insertions out of domain by more than half (table III)", "ood_noisy",
+            "ins_pct", "grpo", "sft", cut=0.5),
+    Finding("GRPO cuts insertions out of domain by more than half (table III)", "ood_farfield",
+            "ins_pct", "grpo", "sft", cut=0.5),
+    Finding("GRPO cuts hallucinated words by more than half: an overlapped talker",
+            "ood_overlap", "ins_pct", "grpo", "sft", cut=0.5),
+    Finding("GRPO cuts hallucinated words by more than half: no speech at all",
+            "ood_nonspeech", "words_per_clip", "grpo", "sft", cut=0.5),
+    Finding("GRPO lowers WER out of domain (table III)", "ood_noisy", "wer_pct", "grpo", "sft"),
+    Finding("GRPO adaptation beats SFT adaptation on the new domain (table IV)", "adapt_test",
+            "wer_pct", "adapt_grpo", "adapt_sft"),
+    Finding("GRPO adaptation forgets less than SFT adaptation (table IV)", "test", "wer_pct",
+            "adapt_grpo", "adapt_sft"),
+)
 CURVES = ("train/reward_mean", "train/sample_wer", "train/kl", "train/zero_std_share",
           "dev/wer", "train/loss")
 
@@ -179,6 +196,7 @@ def demo_evaluation(out: Path, checkpoints: dict[str, Path], sets: dict[str, Pat
         training_metrics={k: v for k, v in metrics.items() if v.exists()},
         curve_keys=None, title="speechrl demo",
         checkpoint_sets={name: ADAPT_SETS for name in ("adapt_sft", "adapt_grpo")},
+        findings=FINDINGS,
     )
     return paths.markdown
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from speechrl.config import ConfigError, InputError, check_output_folder, device_error
 
 if TYPE_CHECKING:
-    from speechrl.report import Hypothesis, ReportPaths, Section
+    from speechrl.report import Finding, Hypothesis, ReportPaths, Section
 
 # The modules that decode and score import torch, transformers and matplotlib: they are imported
 # inside the functions, so that the command line's --help and argument errors stay fast.
@@ -96,15 +96,16 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
                          title: str = "speechrl evaluation",
                          trust_remote_code: bool = False,
                          precision: str = "fp32",
-                         checkpoint_sets: Mapping[str, Sequence[str]] | None = None
-                         ) -> ReportPaths:
+                         checkpoint_sets: Mapping[str, Sequence[str]] | None = None,
+                         findings: Sequence[Finding] = ()) -> ReportPaths:
     """Decode each set with each checkpoint and write the report; the first checkpoint is the
     baseline of the changes (with their intervals). The rows of each set left out go to
     ``skips.json`` (``{set: {reason: count}}``) beside the report. Under torchrun the ranks
     share the decoding and rank 0 writes the report; every rank returns its paths.
     ``trust_remote_code`` lets the checkpoints' Hugging Face parts run their own code (never
     switched on by a checkpoint). ``checkpoint_sets`` limits a checkpoint to some of the sets
-    (by name; a checkpoint not named decodes them all).
+    (by name; a checkpoint not named decodes them all). ``findings`` are the paper's claims the
+    report checks, each with its interval and verdict (:class:`speechrl.report.Finding`).
     ``precision``: ``fp32`` (the default), ``bf16`` autocast, or ``auto`` (bf16 on a GPU or on
     a CPU that computes it natively; :mod:`speechrl.runtime`).
 
@@ -144,7 +145,7 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
         if distributed.is_main():
             paths = write_report(out_dir, results, normalizer=normalizer, title=title,
                                  training_metrics=training_metrics, sections=sections,
-                                 curve_keys=curve_keys,
+                                 curve_keys=curve_keys, findings=findings,
                                  provenance=_provenance(checkpoints, sets, beam, precision,
                                                         normalizer, options, skips))
     except BaseException as err:

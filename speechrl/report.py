@@ -158,6 +158,30 @@ class Section:
 
 
 @dataclass(frozen=True)
+class Finding:
+    """A claim of the paper checked on the evaluation: ``checkpoint`` has a lower ``figure``
+    (a key of CHANGE_FIGURES) than ``baseline`` on ``set_name``, by at least ``cut`` of the
+    baseline's value (0.5: "by more than half"; 0: any drop). The report states the change with
+    its paired bootstrap interval and a verdict: ``reproduced`` (significant, and at least the
+    cut), ``partly`` (significant but short of the cut), ``noise`` (the interval holds 0) or
+    ``opposite`` (significant, the other way)."""
+
+    claim: str
+    set_name: str
+    figure: str
+    checkpoint: str
+    baseline: str
+    cut: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.figure not in CHANGE_FIGURES:
+            raise ValueError(f"finding {self.claim!r}: figure must be one of "
+                             f"{', '.join(CHANGE_FIGURES)}, got {self.figure!r}")
+        if not 0.0 <= self.cut < 1.0:
+            raise ValueError(f"finding {self.claim!r}: cut {self.cut} must lie in [0, 1)")
+
+
+@dataclass(frozen=True)
 class ReportPaths:
     markdown: Path
     json: Path
@@ -344,7 +368,8 @@ def write_report(out_dir: str | Path,
                  training_metrics: Mapping[str, str | Path] | None = None,
                  sections: Sequence[Section | Mapping[str, Any]] | None = None,
                  curve_keys: Sequence[str] | None = None,
-                 provenance: Mapping[str, Any] | None = None) -> ReportPaths:
+                 provenance: Mapping[str, Any] | None = None,
+                 findings: Sequence[Finding] = ()) -> ReportPaths:
     """Score ``results[checkpoint][set]`` and write the report into ``out_dir``.
 
     Writes ``report.md``, ``report.json`` (every number, the intervals included),
@@ -352,7 +377,9 @@ def write_report(out_dir: str | Path,
     ``training_metrics`` (name -> metrics JSONL), ``curves_<run>.png`` with ``curve_keys``
     (default: the numeric keys found). The first checkpoint is the baseline of every change.
     ``provenance`` (JSON-ready: checkpoint paths, manifests, decoding settings, skipped rows)
-    is written as it is, and shown at the top of the Markdown.
+    is written as it is, and shown at the top of the Markdown. Each of ``findings`` is checked
+    and stated with its interval and verdict (:class:`Finding`); one whose checkpoints or set
+    were not evaluated is left out with a note.
     """
     from speechrl.report_markdown import render_markdown
 
@@ -369,6 +396,7 @@ def write_report(out_dir: str | Path,
     summary = _summary(scores, changes, title, normalizer, hyp_files, out)
     summary["provenance"] = dict(provenance or {})
     summary["sections"] = [_section_table(s, scores, changes) for s in wanted]
+    summary["findings"] = [_finding_entry(f, scores, changes) for f in findings]
     summary["plots"] = [{"file": p.name, "caption": c} for p, c in plots.items()]
     (out / "report.json").write_text(
         json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
@@ -469,6 +497,41 @@ def _summary(scores: dict[str, dict[str, SetScores]], changes: Changes, title: s
             "normalizer_description": NORMALIZER_NOTES.get(normalizer),
             "reference_checkpoint": ckpts[0],
             "checkpoints": ckpts, "sets": _set_names(scores), "results": results}
+
+
+# --------------------------------------------------------------------------- findings
+
+
+def _figure_value(s: SetScores, figure: str) -> float | None:
+    num, den = _utterance_columns(s)[figure]
+    return float(num.sum() / den.sum() * CHANGE_FIGURES[figure][1]) if den.sum() > 0 else None
+
+
+def finding_verdict(delta: float, low: float, high: float, base_value: float,
+                    cut: float) -> str:
+    """The verdict of a "lower is better" finding (:class:`Finding`) from its change."""
+    if low <= 0.0 <= high:
+        return "noise"
+    if delta > 0:
+        return "opposite"
+    return "reproduced" if -delta >= cut * base_value else "partly"
+
+
+def _finding_entry(f: Finding, scores: dict[str, dict[str, SetScores]],
+                   changes: Changes) -> dict[str, Any]:
+    entry: dict[str, Any] = {**asdict(f), "base_value": None, "value": None, "change": None,
+                             "verdict": "not evaluated"}
+    a = scores.get(f.baseline, {}).get(f.set_name)
+    b = scores.get(f.checkpoint, {}).get(f.set_name)
+    change = changes.get(f.baseline, f.checkpoint, f.set_name) if a and b else None
+    c = (change or {}).get(f.figure)
+    if c is None or c["delta"] is None:
+        return entry
+    entry.update(base_value=_figure_value(a, f.figure), value=_figure_value(b, f.figure),
+                 change=c)
+    entry["verdict"] = finding_verdict(c["delta"], c["low"], c["high"], entry["base_value"],
+                                       f.cut)
+    return entry
 
 
 # --------------------------------------------------------------------------- sections

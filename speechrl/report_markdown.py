@@ -50,6 +50,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
     ]
     if summary.get("provenance"):
         parts.append(_provenance_markdown(summary["provenance"]))
+    if summary.get("findings"):
+        parts.append(_findings_markdown(summary["findings"]))
     parts.append(_significance_markdown(summary))
     if summary["sections"]:
         parts.append("## Summary tables\n")
@@ -85,6 +87,37 @@ def _provenance_markdown(prov: dict[str, Any]) -> str:
         lines += (["Rows left out (unreadable or invalid):\n", *skipped, ""] if skipped
                   else ["Rows left out: none.\n"])
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- findings
+
+_VERDICTS = {
+    "reproduced": "reproduced",
+    "partly": "partly: significant, short of the cut",
+    "noise": "not reproduced: within noise",
+    "opposite": "not reproduced: significant, the other way",
+    "not evaluated": "not evaluated",
+}
+
+
+def _findings_markdown(findings: list[dict[str, Any]]) -> str:
+    """The paper's findings, each with what this evaluation measured and a verdict."""
+    rows = []
+    for f in findings:
+        label, scale = CHANGE_FIGURES[f["figure"]]
+        unit = "" if scale == 1.0 else " %"
+        measured = _NA if f["change"] is None else (
+            f"{_fmt(f['base_value'])}{unit} → {_fmt(f['value'])}{unit}: "
+            f"{_fmt_change(f['change'], mark=False)}")
+        wanted = f"lower by ≥ {f['cut']:.0%}" if f["cut"] else "lower"
+        rows.append([_escape(f["claim"]), f"`{_escape(f['set_name'])}`",
+                     f"{label}, `{_escape(f['checkpoint'])}` against `{_escape(f['baseline'])}`"
+                     f" ({wanted})", _minus(measured), _VERDICTS[f["verdict"]]])
+    return ("## The paper's findings, checked\n\n"
+            "Reproduced: the change has the paper's sign, its interval leaves out 0 and it is at "
+            "least the cut the finding names.\n\n"
+            + _md_table(["finding", "set", "figure", "measured (Δ, 95 % interval)", "verdict"],
+                        rows) + "\n")
 
 
 # --------------------------------------------------------------------------- significance

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from speechrl.demo import ADAPT_SETS, EVAL_SETS, DemoScale, run_demo, warmup
+from speechrl.demo import ADAPT_SETS, EVAL_SETS, FINDINGS, DemoScale, run_demo, warmup
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
 
@@ -122,6 +122,11 @@ def test_demo_stopped_in_every_stage_resumes_each_then_a_restart_only_rewrites_t
     rows = {s: len((data / f"{s}.jsonl").read_text().splitlines()) for s in EVAL_SETS}
     summary = json.loads((out / "report.json").read_text())
     results = summary["results"]
+    # Each of the paper's findings is checked on what was decoded, with its interval.
+    assert [f["claim"] for f in summary["findings"]] == [f.claim for f in FINDINGS]
+    for f in summary["findings"]:
+        assert f["change"]["low"] <= f["change"]["delta"] <= f["change"]["high"], f["claim"]
+        assert f["verdict"] in ("reproduced", "partly", "noise", "opposite"), f["claim"]
     for name in CHECKPOINTS:
         wanted = EVAL_SETS if name in ("sft", "grpo") else ADAPT_SETS
         assert sorted(results[name]) == sorted(wanted), name

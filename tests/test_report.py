@@ -287,3 +287,45 @@ def test_set_without_reference_words(tmp_path: Path) -> None:
     assert ("| b | 2 | 100.00 | 2.50 | 50.00 | +50.00 [+0.00, +100.00] | +1.00 [+1.00, +1.00]* |"
             in md)
     assert "noise clips with output %" in md
+
+
+def test_findings_state_each_change_with_its_interval_and_verdict(tmp_path: Path) -> None:
+    from speechrl.report import Finding, finding_verdict
+
+    # 20 clips of "one two three four" (80 reference words). sft inserts 4 words on each clip
+    # (Ins 100 %); "half" inserts 3 (75 %: a quarter fewer), "none" nothing, "worse" 5.
+    refs = [(f"c{i}", "en", "one two three four") for i in range(20)]
+
+    def records(extra: int) -> list[Hypothesis]:
+        return [Hypothesis(i, ref, " ".join([ref] + ["yes"] * extra), lang, "clean")
+                for i, lang, ref in refs]
+
+    results = {name: {"probe": records(n)}
+               for name, n in (("sft", 4), ("none", 0), ("half", 3), ("worse", 5))}
+    findings = [Finding(f"cut by half ({name})", "probe", "ins_pct", name, "sft", cut=0.5)
+                for name in ("none", "half", "worse")]
+    findings += [Finding("any drop", "probe", "ins_pct", "half", "sft"),
+                 Finding("a set never decoded", "elsewhere", "wer_pct", "none", "sft")]
+    paths = write_report(tmp_path, results, normalizer="none", findings=findings)
+    entries = json.loads(paths.json.read_text())["findings"]
+    # Every clip changes by the same count, so each interval is the change itself.
+    expected = [(100.0, 0.0, -100.0, "reproduced"), (100.0, 75.0, -25.0, "partly"),
+                (100.0, 125.0, 25.0, "opposite"), (100.0, 75.0, -25.0, "reproduced")]
+    for entry, (base, value, delta, verdict) in zip(entries, expected, strict=False):
+        assert entry["base_value"] == pytest.approx(base)
+        assert entry["value"] == pytest.approx(value)
+        change = entry["change"]
+        assert (change["delta"], change["low"], change["high"]) == \
+            (pytest.approx(delta), pytest.approx(delta), pytest.approx(delta))
+        assert entry["verdict"] == verdict, entry["claim"]
+    assert entries[4]["verdict"] == "not evaluated" and entries[4]["change"] is None
+    markdown = paths.markdown.read_text()
+    assert "## The paper's findings, checked" in markdown
+    assert "| cut by half (none) | `probe` | Ins, `none` against `sft` (lower by ≥ 50%) | " \
+           "100.00 % → 0.00 %: −100.00 [−100.00, −100.00] (significant) | reproduced |" in markdown
+    # Within noise whenever the interval holds 0, whatever the point estimate.
+    assert finding_verdict(-3.0, -6.0, 0.5, 4.0, 0.5) == "noise"
+    assert finding_verdict(-1.0, -1.5, -0.5, 4.0, 0.5) == "partly"
+    assert finding_verdict(-2.0, -2.5, -1.5, 4.0, 0.5) == "reproduced"
+    with pytest.raises(ValueError, match="figure must be one of"):
+        Finding("typo", "probe", "insertions", "none", "sft")
