@@ -39,8 +39,8 @@ class DemoScale:
 # tokens, the tiny LLM reads the speech (rather than guessing from its text prior) only after
 # about 1000 steps and keeps improving to the end (docs/results.md); 3000 training sentences a
 # language keep it from memorising the transcripts meanwhile.
-FULL = DemoScale(utts=3000, eval_utts=1000, lm_steps=200, ctc_steps=900, sft_steps=3000,
-                 grpo_steps=200, grpo_batch=16, adapt_steps=60, eval_every=1000)
+FULL = DemoScale(utts=3000, eval_utts=1000, lm_steps=200, ctc_steps=900, sft_steps=3400,
+                 grpo_steps=200, grpo_batch=16, adapt_steps=60, eval_every=850)
 QUICK = DemoScale(utts=60, eval_utts=None, lm_steps=60, ctc_steps=150, sft_steps=120,
                   grpo_steps=15, grpo_batch=8, adapt_steps=10, eval_every=60)
 
