@@ -69,8 +69,8 @@ def make_run(cfg: RunConfig, device: torch.device) -> Run:
 def draw_batches(manifest: str, audios: int, seed: int, model, batch: int) -> list:
     """``audios`` training rows in batches of ``batch``, as the trainer draws them."""
     loader = make_dataloader([manifest], DataConfig(train_empty_text=True),
-                             features=model.encoder.input_kind, training=True, seed=seed,
-                             batch_size=batch, n_mels=getattr(model.encoder, "n_mels", 80))
+                             features=model.encoder.input_spec, training=True, seed=seed,
+                             batch_size=batch)
     out, n = [], 0
     for b in loader:
         out.append(b)

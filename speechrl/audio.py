@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 SAMPLE_RATE = 16000
 FEATURE_KINDS = ("fbank", "whisper", "waveform")
+WHISPER_WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper reads 30 s windows
 
 
 class AudioError(ValueError):
@@ -156,6 +157,13 @@ def features(
     return torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
 
 
+def zero_mean_unit_variance(wave: np.ndarray) -> np.ndarray:
+    """(S,) -> (S,) with zero mean and unit variance, as Hugging Face's waveform extractors'
+    ``do_normalize`` (the 1e-7 is theirs: silence stays finite)."""
+    wave = np.asarray(wave, dtype=np.float32)
+    return ((wave - wave.mean()) / np.sqrt(wave.var() + 1e-7)).astype(np.float32)
+
+
 def _check_kind(kind: str) -> None:
     if kind not in FEATURE_KINDS:
         raise ValueError(f"unknown feature kind {kind!r}; expected one of {FEATURE_KINDS}")
@@ -187,10 +195,12 @@ def log_mel(wave: np.ndarray, sample_rate: int = SAMPLE_RATE, n_mels: int = 80) 
 def whisper_log_mel(wave: np.ndarray, n_mels: int = 80) -> torch.Tensor:
     """Whisper's log-mel (N, n_mels) of 16 kHz audio, N = S // 160 (at least 1).
 
-    The published recipe: 400-point Hann STFT every 160 samples on the reflect-padded signal,
-    last frame dropped, power through Slaney-style mel filters (0-8 kHz, area-normalised),
-    log10 with a 1e-10 floor, clamped to (max - 8), then (x + 4) / 4. The max is the clip's own,
-    so the features of an utterance do not depend on what else is in its batch.
+    The published recipe: 400-point Hann STFT every 160 samples, last frame dropped, power
+    through Slaney-style mel filters (0-8 kHz, area-normalised), log10 with a 1e-10 floor,
+    clamped to (max - 8), then (x + 4) / 4. As Whisper sees a clip (``WhisperFeatureExtractor``'s
+    default), it is zero-padded to the 30 s window before the STFT's reflect padding, so the
+    last frame reads zeros past the end, not the clip mirrored. The max is the clip's own, so
+    the features of an utterance do not depend on what else is in its batch.
     """
     import torch
     import torch.nn.functional as F
@@ -198,9 +208,9 @@ def whisper_log_mel(wave: np.ndarray, n_mels: int = 80) -> torch.Tensor:
     n_fft, hop = 400, 160
     x = torch.as_tensor(np.asarray(wave, dtype=np.float32))
     num_frames = max(x.numel() // hop, 1)
-    if x.numel() <= n_fft // 2:  # reflect padding needs more samples than it pads
-        x = F.pad(x, (0, n_fft // 2 + 1 - x.numel()))
-    padded = F.pad(x[None, None], (n_fft // 2, n_fft // 2), mode="reflect")[0, 0]
+    zeros = min(n_fft // 2, max(WHISPER_WINDOW_SAMPLES - x.numel(), 0))  # the window's padding
+    x = F.pad(x, (0, max(zeros, n_fft // 2 + 1 - x.numel())))
+    padded = F.pad(x[None, None], (n_fft // 2, n_fft // 2 - zeros), mode="reflect")[0, 0]
     frames = padded.unfold(0, n_fft, hop)[:num_frames]  # (N, 400)
     power = torch.fft.rfft(frames * torch.hann_window(n_fft, periodic=True)).abs().pow(2)
     filters = mel_filterbank(n_fft, n_mels, SAMPLE_RATE, scale="slaney", norm="slaney")

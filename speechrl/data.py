@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from torch.utils.data import DataLoader, Dataset
 from speechrl import audio as audio_lib
 from speechrl.audio import AudioError
 from speechrl.config import DataConfig
+
+if TYPE_CHECKING:
+    from speechrl.encoders import EncoderInput
 
 REQUIRED_FIELDS = {"id": str, "audio": str, "text": str, "language": str, "duration": float}
 # A transcript longer than this for its duration is not speech (fast speech runs near 20
@@ -412,8 +415,21 @@ class Skip:
     detail: str = ""
 
 
+def input_spec(features: EncoderInput | str) -> EncoderInput:
+    """``features`` as an :class:`~speechrl.encoders.EncoderInput`: an encoder's own
+    ``input_spec``, or a kind ("fbank" | "whisper" | "waveform") with its defaults (80 mel bins,
+    16 kHz, no normalisation)."""
+    from speechrl.encoders import EncoderInput  # the loader alone need not import transformers
+
+    return EncoderInput.default(features) if isinstance(features, str) else features
+
+
 class SpeechDataset(Dataset):
-    """Utterances -> :class:`Item` with features of kind "fbank" | "whisper" | "waveform".
+    """Utterances -> :class:`Item` with the inputs ``features`` describes (an encoder's
+    :class:`~speechrl.encoders.EncoderInput`, or a kind with its defaults: :func:`input_spec`).
+
+    Audio is read at ``sample_rate`` (augmented there), then turned into the encoder's input
+    at the encoder's own rate.
 
     A row whose audio cannot be used (unreadable, truncated, zero-length, shorter than
     ``MIN_AUDIO_SECONDS``, longer than ``max_duration``, or ``duration_tolerance`` seconds away
@@ -426,20 +442,17 @@ class SpeechDataset(Dataset):
         self,
         utterances: Sequence[Utterance],
         *,
-        features: str = "fbank",
+        features: EncoderInput | str = "fbank",
         sample_rate: int = audio_lib.SAMPLE_RATE,
-        n_mels: int = 80,
         max_duration: float = math.inf,
         duration_tolerance: float = 0.5,
         strict: bool = False,
         augment: bool = False,
         seed: int = 0,
     ) -> None:
-        audio_lib.feature_dim(features)  # validates the kind
         self.utterances = list(utterances)
-        self.features = features
+        self.features = input_spec(features)
         self.sample_rate = sample_rate
-        self.n_mels = n_mels
         self.max_duration = max_duration
         self.duration_tolerance = duration_tolerance
         self.strict = strict
@@ -470,7 +483,7 @@ class SpeechDataset(Dataset):
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             wave = augment_waveform(wave, rng, self.sample_rate)
-        inputs = audio_lib.features(wave, self.features, self.sample_rate, self.n_mels)
+        inputs = self.features.features(wave, self.sample_rate)
         return Item(index, utt.id, inputs, utt.text, utt.language, utt.domain,
                     len(wave) / self.sample_rate)
 
@@ -560,18 +573,20 @@ def collate(items: Sequence[Item | Skip]) -> Batch:
 
 
 def features_for_files(
-    paths: Sequence[str | Path], kind: str, *, sample_rate: int = audio_lib.SAMPLE_RATE,
-    n_mels: int = 80,
+    paths: Sequence[str | Path], features: EncoderInput | str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features of audio files as a batch: inputs (B, N, F) or (B, S), lengths (B,), durations
-    (B,) in seconds. A file that cannot be read, or is shorter than ``MIN_AUDIO_SECONDS`` (as
-    a manifest row would be skipped), raises :class:`AudioError`."""
+    """The inputs ``features`` describes (:func:`input_spec`) of audio files as a batch: inputs
+    (B, N, F) or (B, S), lengths (B,), durations (B,) in seconds. A file that cannot be read,
+    or is shorter than ``MIN_AUDIO_SECONDS`` (as a manifest row would be skipped), raises
+    :class:`AudioError`."""
+    spec = input_spec(features)
+    sample_rate = spec.sample_rate
     waves = [audio_lib.load_audio(p, sample_rate) for p in paths]
     for path, wave in zip(paths, waves, strict=True):
         if len(wave) / sample_rate < MIN_AUDIO_SECONDS:
             raise AudioError(f"{path}: too short ({len(wave) / sample_rate:.3f} s < "
                              f"{MIN_AUDIO_SECONDS:g} s)", "too short")
-    inputs, lengths = pad_inputs([audio_lib.features(w, kind, sample_rate, n_mels) for w in waves])
+    inputs, lengths = pad_inputs([spec.features(w, sample_rate) for w in waves])
     durations = torch.tensor([len(w) / sample_rate for w in waves], dtype=torch.float32)
     return inputs, lengths, durations
 
@@ -756,22 +771,22 @@ def make_dataloader(
     manifests: Sequence[str | Path] | str | Path,
     cfg: DataConfig,
     *,
-    features: str,
+    features: EncoderInput | str,
     training: bool,
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
     batch_size: int | None = None,
     max_utterances: int | None = None,
-    n_mels: int = 80,
 ) -> SpeechDataLoader:
-    """Batches of ``features`` ("fbank" | "whisper" | "waveform") from manifests / CutSets.
+    """Batches of the inputs an encoder takes from manifests / CutSets: ``features`` is its
+    ``input_spec`` (kind, mel bins, sample rate, normalisation; a 128-bin Whisper gets 128
+    bins), or a kind ("fbank" | "whisper" | "waveform") with its defaults.
 
     Batches hold up to ``cfg.max_duration`` seconds of audio, or ``batch_size`` utterances when
     given. ``max_utterances`` keeps that many rows spread evenly over the manifests (a quick dev
-    set that still covers every language). ``n_mels`` must match the encoder (128 for Whisper
-    large-v3). The loader's ``batch_sampler`` holds the resumable position, ``skips`` the rows
-    left out (print ``loader.skips.summary()`` at the end of a run).
+    set that still covers every language). The loader's ``batch_sampler`` holds the resumable
+    position, ``skips`` the rows left out (print ``loader.skips.summary()`` at the end of a run).
     """
     if isinstance(manifests, (str, Path)):
         manifests = [manifests]
@@ -791,7 +806,7 @@ def make_dataloader(
         keep = np.unique(np.linspace(0, len(utterances) - 1, max_utterances).round().astype(int))
         utterances = [utterances[i] for i in keep]
     dataset = SpeechDataset(
-        utterances, features=features, sample_rate=cfg.sample_rate, n_mels=n_mels,
+        utterances, features=input_spec(features), sample_rate=cfg.sample_rate,
         max_duration=cfg.max_utterance_duration, duration_tolerance=cfg.duration_tolerance,
         strict=cfg.strict, augment=cfg.augment and training, seed=seed)
     sampler = DurationBatchSampler(

@@ -1,13 +1,19 @@
 """Speech encoders behind one small interface.
 
 Every encoder maps ``(inputs, lengths) -> (frames (B, N', D_enc), frame_lengths (B,))`` and says
-what it eats in ``input_kind``:
+what it eats in ``input_spec``, an :class:`EncoderInput` (kind, mel bins, sample rate,
+normalisation) that the data loader is built from; its ``kind`` is one of:
 
 * ``"fbank"``: 80-bin log-mel, (B, N, 80), 10 ms hop: the built-in :class:`ConformerEncoder`
   (40 ms frames after a x4 convolutional subsampling, as the paper's encoder; trained with CTC
   by ``speechrl pretrain-encoder``);
 * ``"whisper"``: Whisper log-mel, (B, N, n_mels): the encoder of a Hugging Face Whisper folder;
-* ``"waveform"``: 16 kHz samples, (B, S): HuBERT, WavLM, wav2vec2 (Hugging Face folders).
+* ``"waveform"``: 16 kHz samples, (B, S): HuBERT, WavLM, wav2vec2 (Hugging Face folders),
+  normalised per utterance when the folder's ``preprocessor_config.json`` says ``do_normalize``.
+
+The spec is read from what a model folder holds (Whisper's ``num_mel_bins``, the preprocessor's
+``do_normalize`` and ``sampling_rate``, the conformer's ``n_mels``), so a checkpoint's encoder
+says what it takes with no path to the original model.
 
 Frames past an utterance's length are zero, and never influence the valid ones, so an utterance
 gives the same frames alone as inside a padded batch. The paper keeps the encoder frozen (II-A):
@@ -23,8 +29,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -33,6 +41,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from speechrl import audio as audio_lib
 from speechrl.config import ConfigError, EncoderConfig
 
 INPUT_KINDS = ("fbank", "whisper", "waveform")
@@ -53,6 +62,58 @@ CONFORMER_CONFIG_FIELDS = (
 def lengths_to_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
     """(B,) lengths -> (B, width) bool, True on valid positions."""
     return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+
+
+@dataclass(frozen=True)
+class EncoderInput:
+    """What an encoder takes: the data loader computes exactly this for it.
+
+    ``kind``: ``"fbank"`` (the built-in conformer's log-mel), ``"whisper"`` (Whisper's log-mel,
+    equal to ``WhisperFeatureExtractor``'s) or ``"waveform"`` (the samples, equal to
+    ``Wav2Vec2FeatureExtractor``'s). ``n_mels``: mel bins of a log-mel kind, None for the
+    waveform. ``sample_rate``: the rate features are computed at (audio is resampled to it).
+    ``normalize``: waveform only, zero mean and unit variance per utterance (``do_normalize``).
+    """
+
+    kind: str
+    n_mels: int | None = None
+    sample_rate: int = audio_lib.SAMPLE_RATE
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in INPUT_KINDS:
+            raise ValueError(f"unknown encoder input kind {self.kind!r}; one of {INPUT_KINDS}")
+        if self.kind == "waveform":
+            if self.n_mels is not None:
+                raise ValueError(f"a waveform input has no mel bins, got n_mels={self.n_mels}")
+        elif self.n_mels is None or self.n_mels < 1:
+            raise ValueError(f"a {self.kind} log-mel input needs n_mels >= 1, got {self.n_mels}")
+        elif self.normalize:
+            raise ValueError("normalize applies to waveform input only")
+        if self.kind == "whisper" and self.sample_rate != audio_lib.SAMPLE_RATE:
+            raise ValueError(f"Whisper's log-mel is defined at {audio_lib.SAMPLE_RATE} Hz, got "
+                             f"sample_rate={self.sample_rate}")
+        if self.sample_rate < 1:
+            raise ValueError(f"sample_rate must be >= 1, got {self.sample_rate}")
+
+    @classmethod
+    def default(cls, kind: str) -> EncoderInput:
+        """The usual input of ``kind``: 80 mel bins for a log-mel, 16 kHz, no normalisation."""
+        return cls(kind, n_mels=None if kind == "waveform" else 80)
+
+    def features(self, wave: np.ndarray, sample_rate: int) -> torch.Tensor:
+        """Samples (S,) at ``sample_rate`` -> (N, n_mels) log-mel, or (S',) samples at
+        :attr:`sample_rate` (normalised if :attr:`normalize`)."""
+        if sample_rate != self.sample_rate:
+            wave = audio_lib.resample(wave, sample_rate, self.sample_rate)
+        if self.kind == "fbank":
+            return audio_lib.log_mel(wave, self.sample_rate, self.n_mels)
+        if self.kind == "whisper":
+            return audio_lib.whisper_log_mel(wave, self.n_mels)
+        wave = np.asarray(wave, dtype=np.float32)
+        if self.normalize:
+            wave = audio_lib.zero_mean_unit_variance(wave)
+        return torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
 
 
 # --------------------------------------------------------------------------- shared parts
@@ -84,14 +145,13 @@ class LayerWeightedSum(nn.Module):
 class SpeechEncoder(nn.Module):
     """What the model sees of an encoder: a backbone's hidden states, combined and masked.
 
-    Concrete encoders set ``input_kind`` and ``output_dim`` (and ``n_mels``, the mel bins of
-    their log-mel input, which the data must be computed with) and define
+    Concrete encoders set ``input_spec`` (the :class:`EncoderInput` the data must be computed
+    as) and ``output_dim``, and define
     ``hidden_states(inputs, lengths, all_layers) -> (list of (B, N', D), frame_lengths)``.
     """
 
-    input_kind: str
+    input_spec: EncoderInput
     output_dim: int
-    n_mels: int | None = None  # None: the encoder takes the waveform
 
     def __init__(self, layers: Sequence[int] | None, num_hidden_states: int) -> None:
         super().__init__()
@@ -114,6 +174,16 @@ class SpeechEncoder(nn.Module):
         frames = hidden[-1] if self.layer_sum is None else self.layer_sum(hidden)
         valid = lengths_to_mask(frame_lengths, frames.shape[1])
         return frames.masked_fill(~valid[..., None], 0.0), frame_lengths
+
+    @property
+    def input_kind(self) -> str:
+        """``input_spec.kind``: "fbank" | "whisper" | "waveform"."""
+        return self.input_spec.kind
+
+    @property
+    def n_mels(self) -> int | None:
+        """``input_spec.n_mels``: mel bins of a log-mel input, None for the waveform."""
+        return self.input_spec.n_mels
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Parameters of the encoder proper (everything but the layer weighting)."""
@@ -285,8 +355,6 @@ class Conv2dSubsampling(nn.Module):
 class ConformerEncoder(SpeechEncoder):
     """The built-in encoder: log-mel (B, N, n_mels) at 10 ms -> (B, N/4, d_model) at 40 ms."""
 
-    input_kind = "fbank"
-
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__(cfg.layers, cfg.n_layers + 1)
         d_model, n_heads = cfg.d_model, cfg.n_heads
@@ -301,7 +369,7 @@ class ConformerEncoder(SpeechEncoder):
         # The architecture alone: what save_pretrained records and from_pretrained rebuilds.
         self.arch = {k: getattr(cfg, k) for k in CONFORMER_CONFIG_FIELDS}
         self.output_dim = d_model
-        self.n_mels = cfg.n_mels
+        self.input_spec = EncoderInput("fbank", n_mels=cfg.n_mels)
         self.subsampling = Conv2dSubsampling(cfg.n_mels, d_model, cfg.subsampling_channels)
         self.rope = RotaryPositions(d_model // n_heads)
         self.blocks = nn.ModuleList(
@@ -442,13 +510,11 @@ class WhisperSpeechEncoder(SpeechEncoder):
     takes after Whisper's normalisation, so its frames are independent of the batch.
     """
 
-    input_kind = "whisper"
-
     def __init__(self, model: WhisperEncoder, layers: Sequence[int] | None = None) -> None:
         super().__init__(layers, model.config.encoder_layers + 1)
         self.model = model
         self.output_dim = model.config.d_model
-        self.n_mels = model.config.num_mel_bins
+        self.input_spec = EncoderInput("whisper", n_mels=model.config.num_mel_bins)
         self.window = model.config.max_source_positions * 2  # input frames per 30 s window
 
     @classmethod
@@ -498,12 +564,15 @@ class WhisperSpeechEncoder(SpeechEncoder):
 
 
 class WaveformSpeechEncoder(SpeechEncoder):
-    """HuBERT, WavLM or wav2vec2 on 16 kHz waveform (B, S): 20 ms frames."""
+    """HuBERT, WavLM or wav2vec2 on 16 kHz waveform (B, S): 20 ms frames.
 
-    input_kind = "waveform"
+    ``normalize`` (the folder's ``do_normalize``) is part of :attr:`input_spec`: the data loader
+    normalises each utterance, as Hugging Face's feature extractor does, before it is batched.
+    """
 
     def __init__(
-        self, model: PreTrainedModel, layers: Sequence[int] | None = None, normalize: bool = False
+        self, model: PreTrainedModel, layers: Sequence[int] | None = None, normalize: bool = False,
+        sample_rate: int = audio_lib.SAMPLE_RATE,
     ) -> None:
         config = model.config
         if getattr(config, "add_adapter", False):
@@ -512,6 +581,7 @@ class WaveformSpeechEncoder(SpeechEncoder):
         self.model = model
         self.output_dim = config.hidden_size
         self.normalize = normalize
+        self.input_spec = EncoderInput("waveform", sample_rate=sample_rate, normalize=normalize)
         # GroupNorm in the first convolution normalises over time, padding included: such
         # models (feat_extract_norm="group") must see each utterance alone.
         self.one_by_one = config.feat_extract_norm == "group"
@@ -531,14 +601,14 @@ class WaveformSpeechEncoder(SpeechEncoder):
         else:
             model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
         preprocessor = Path(path) / "preprocessor_config.json"
-        normalize = preprocessor.is_file() and bool(
-            json.loads(preprocessor.read_text()).get("do_normalize", False)
-        )
-        return cls(model.eval(), layers, normalize)
+        settings = json.loads(preprocessor.read_text()) if preprocessor.is_file() else {}
+        return cls(model.eval(), layers, bool(settings.get("do_normalize", False)),
+                   int(settings.get("sampling_rate", audio_lib.SAMPLE_RATE)))
 
     def save_config(self, directory: str | Path) -> None:
         self.model.config.save_pretrained(str(directory))
-        preprocessor = {"do_normalize": self.normalize}
+        preprocessor = {"do_normalize": self.normalize,
+                        "sampling_rate": self.input_spec.sample_rate}
         (Path(directory) / "preprocessor_config.json").write_text(json.dumps(preprocessor) + "\n")
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
@@ -561,9 +631,7 @@ class WaveformSpeechEncoder(SpeechEncoder):
                 f"utterance too short: {int(lengths.min())} samples give no encoder frame"
             )
         valid = lengths_to_mask(lengths, wave.shape[1])
-        wave = wave.masked_fill(~valid, 0.0)
-        if self.normalize:
-            wave = normalize_waveform(wave, valid)
+        wave = wave.masked_fill(~valid, 0.0)  # normalised already, if at all (input_spec)
         if self.one_by_one:
             hidden = self._one_by_one(wave, lengths, all_layers)
         else:
@@ -584,15 +652,6 @@ class WaveformSpeechEncoder(SpeechEncoder):
             torch.cat([F.pad(h[i], (0, 0, 0, n - h[i].shape[1])) for h in per_utt])
             for i in range(len(per_utt[0]))
         ]
-
-
-def normalize_waveform(wave: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Zero mean, unit variance over each utterance's samples (the HF extractors' do_normalize);
-    padding stays 0. wave (B, S), valid (B, S) -> (B, S)."""
-    count = valid.sum(-1, keepdim=True).clamp(min=1)
-    mean = (wave * valid).sum(-1, keepdim=True) / count
-    var = (((wave - mean) * valid) ** 2).sum(-1, keepdim=True) / count
-    return ((wave - mean) / torch.sqrt(var + 1e-7)).masked_fill(~valid, 0.0)
 
 
 # --------------------------------------------------------------------------- factory

@@ -49,10 +49,9 @@ def decode_manifest(model, manifest: str | Path, *, options, device, data_cfg=No
     from speechrl.train.common import gather_skips
 
     data_cfg = data_cfg or DataConfig()
-    loader = make_dataloader([str(manifest)], data_cfg, features=model.encoder.input_kind,
+    loader = make_dataloader([str(manifest)], data_cfg, features=model.encoder.input_spec,
                              training=False, rank=distributed.rank(),
-                             world_size=distributed.world_size(),
-                             n_mels=model.encoder.n_mels or 80)
+                             world_size=distributed.world_size())
     batches: list[list[Hypothesis]] = []
     model.eval()
     with torch.no_grad(), tqdm(total=len(loader), desc=desc or str(manifest),
@@ -377,9 +376,7 @@ class Transcriber:
         from speechrl.data import features_for_files
         from speechrl.generate import generate
 
-        encoder = self.model.encoder
-        inputs, lengths, durations = features_for_files([path], encoder.input_kind,
-                                                        n_mels=encoder.n_mels or 80)
+        inputs, lengths, durations = features_for_files([path], self.model.encoder.input_spec)
         with torch.no_grad():
             result = generate(self.model, inputs.to(self.device), lengths.to(self.device),
                               self.options, durations=durations.to(self.device))

@@ -73,8 +73,8 @@ BEFORE_ANY_WORK = [
     (["sft", "train.lr=abc"], 2, "sft: train.lr='abc' is not a number (e.g. train.lr=1e-4)"),
     (["sft", "train.lrr=1e-3"], 2, "sft: unknown option train.lrr (did you mean train.lr?)"),
     (["sft", "--config", "nonexistent"], 2,
-     "sft: no preset 'nonexistent'; presets: paper-2b, paper-8b, small, tiny (or give a YAML "
-     "file)"),
+     "sft: no preset 'nonexistent'; presets: paper-2b, paper-8b, small, tiny, whisper-qwen (or "
+     "give a YAML file)"),
     (["sft", "train.lr"], 2, "sft: 'train.lr' is not a key=value override (e.g. train.lr=1e-4; "
                              "a preset goes after --config)"),
     (["sft"], 1, f"sft: missing input(s): {TINY_PATHS} (relative to {{cwd}}); these are the "

@@ -80,7 +80,8 @@ def test_values_are_typed_as_the_fields_say():
 
 def test_an_unknown_preset_lists_the_presets():
     assert refused([], preset="tny") == ("no preset 'tny'; presets: paper-2b, paper-8b, small, "
-                                         "tiny (or give a YAML file) (did you mean tiny?)")
+                                         "tiny, whisper-qwen (or give a YAML file) (did you mean "
+                                         "tiny?)")
     assert refused([], preset="nowhere.yaml").startswith("no config file nowhere.yaml; give a "
                                                          "YAML file or a preset: paper-2b, ")
 

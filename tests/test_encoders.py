@@ -1,20 +1,29 @@
 import dataclasses
+import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
     HubertConfig,
     HubertModel,
     Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
     Wav2Vec2Model,
     WavLMConfig,
     WavLMModel,
     WhisperConfig,
+    WhisperFeatureExtractor,
     WhisperForConditionalGeneration,
 )
 
 from speechrl.config import EncoderConfig
-from speechrl.encoders import ConformerEncoder, WaveformSpeechEncoder, build_encoder
+from speechrl.encoders import (
+    ConformerEncoder,
+    EncoderInput,
+    WaveformSpeechEncoder,
+    build_encoder,
+)
 
 
 def assert_alone_equals_batched(encoder, inputs, lengths, atol=1e-5):
@@ -208,3 +217,75 @@ def test_waveform_encoders_lengths_and_padding(kind, tmp_path):
     # The uniform layer sum equals the mean of HF's hidden states 1 and 2.
     hf = model(wave[:1, :1600], output_hidden_states=True).hidden_states
     torch.testing.assert_close(frames[0], (hf[1][0] + hf[2][0]) / 2, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- input spec
+
+
+def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
+    """Two tones and noise, with an offset the normalisation must remove."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    wave = 0.5 * np.sin(2 * np.pi * 300 * t) + 0.05 * np.sin(2 * np.pi * 2500 * t) + 0.1
+    return (wave + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_whisper_input_equals_whisper_feature_extractor(n_mels):
+    wave = speech_like(1.37)
+    ours = EncoderInput("whisper", n_mels=n_mels).features(wave, 16000)
+    # The extractor's default: the 30 s window Whisper reads, of which the clip fills N frames.
+    ref = WhisperFeatureExtractor(feature_size=n_mels)(wave, sampling_rate=16000,
+                                                       return_tensors="np")["input_features"][0].T
+    assert ours.shape == (137, n_mels)
+    np.testing.assert_allclose(ours.numpy(), ref[:137], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_waveform_input_equals_wav2vec2_feature_extractor(normalize):
+    wave = speech_like(0.71, seed=1)
+    ours = EncoderInput("waveform", normalize=normalize).features(wave, 16000)
+    ref = Wav2Vec2FeatureExtractor(do_normalize=normalize)(wave, sampling_rate=16000,
+                                                           return_tensors="np")["input_values"][0]
+    np.testing.assert_allclose(ours.numpy(), ref, atol=1e-4, rtol=0)
+    if normalize:
+        assert abs(float(ours.mean())) < 1e-5 and float(ours.std()) == pytest.approx(1, abs=1e-4)
+
+
+def test_input_is_resampled_to_the_encoders_rate():
+    wave = speech_like(0.5)
+    at_8k = EncoderInput("waveform").features(wave[::2], 8000)
+    assert at_8k.shape == (8000,)  # 0.5 s at the encoder's 16 kHz
+    assert EncoderInput("fbank", n_mels=40).features(wave[::2], 8000).shape == (48, 40)
+
+
+@pytest.mark.parametrize(("kwargs", "says"), [
+    (dict(kind="mfcc", n_mels=80), "unknown encoder input kind 'mfcc'"),
+    (dict(kind="whisper"), "needs n_mels >= 1"),
+    (dict(kind="waveform", n_mels=80), "has no mel bins"),
+    (dict(kind="fbank", n_mels=80, normalize=True), "waveform input only"),
+    (dict(kind="whisper", n_mels=80, sample_rate=8000), "defined at 16000 Hz"),
+])
+def test_input_spec_refuses_what_no_encoder_takes(kwargs, says):
+    with pytest.raises(ValueError, match=says):
+        EncoderInput(**kwargs)
+
+
+def test_each_encoder_says_what_it_takes_from_its_folder(tmp_path, whisper_dirs):
+    """Mel bins from Whisper's config, normalisation and rate from the preprocessor file (as a
+    checkpoint folder holds them), the conformer's mel bins from its own config."""
+    whisper = build_encoder(EncoderConfig(kind="whisper", path=str(whisper_dirs[0])))
+    assert whisper.input_spec == EncoderInput("whisper", n_mels=80)
+    torch.manual_seed(0)
+    Wav2Vec2Model(Wav2Vec2Config(**TINY_CONV, feat_extract_norm="layer")).save_pretrained(
+        tmp_path / "w2v")
+    Wav2Vec2FeatureExtractor(do_normalize=True).save_pretrained(tmp_path / "w2v")
+    wav2vec2 = build_encoder(EncoderConfig(kind="wav2vec2", path=str(tmp_path / "w2v")))
+    assert wav2vec2.input_spec == EncoderInput("waveform", normalize=True)
+    wav2vec2.save_config(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "preprocessor_config.json").read_text())
+    assert saved == {"do_normalize": True, "sampling_rate": 16000}
+    conformer = ConformerEncoder(EncoderConfig(kind="conformer", n_mels=40, d_model=32,
+                                               n_layers=1, n_heads=2))
+    assert conformer.input_spec == EncoderInput("fbank", n_mels=40)
+    assert (conformer.input_kind, conformer.n_mels) == ("fbank", 40)

@@ -112,15 +112,15 @@ def train_ctc(cfg: RunConfig) -> Path:
     say(f"pretrain-encoder: {len(vocab)} CTC symbols, "
         f"{sum(p.numel() for p in plain.parameters()) / 1e6:.1f}M parameters")
     rank, size = run.world.rank, run.world.world_size
-    n_mels = cfg.model.encoder.n_mels  # the features the encoder trained here takes
-    train_loader = make_dataloader(cfg.data.train, cfg.data, features="fbank", training=True,
+    features = encoder.input_spec  # the log-mel the encoder trained here takes
+    train_loader = make_dataloader(cfg.data.train, cfg.data, features=features, training=True,
                                    seed=cfg.train.seed, batch_size=local_batch_size(cfg.train),
-                                   rank=rank, world_size=size, n_mels=n_mels)
+                                   rank=rank, world_size=size)
     dev_loader = None
     if cfg.data.dev:
-        dev_loader = make_dataloader(cfg.data.dev, cfg.data, features="fbank", training=False,
+        dev_loader = make_dataloader(cfg.data.dev, cfg.data, features=features, training=False,
                                      max_utterances=cfg.train.dev_utterances, rank=rank,
-                                     world_size=size, n_mels=n_mels)
+                                     world_size=size)
     last = resume_folder(run)
     if last is not None:  # weights before wrapping: FSDP2 shards what each rank holds
         plain.load_state_dict(load_file(str(last / "model.safetensors")))

@@ -47,20 +47,20 @@ def speech_loaders(cfg: RunConfig, model, rank: int = 0, world_size: int = 1):
     rank ``rank`` of ``world_size``: the global ``train.batch_size`` is split over the ranks."""
     from speechrl.data import make_dataloader
 
-    features = cfg.data.features or model.encoder.input_kind
-    # The encoder's own mel bins (a 128-bin Whisper takes 128); waveform features have none.
-    n_mels = model.encoder.n_mels or 80
+    # What the encoder takes: kind, its own mel bins (a 128-bin Whisper takes 128), sample rate
+    # and normalisation. data.features, when set, was checked to name the same kind.
+    features = model.encoder.input_spec
     if not cfg.data.train:
         raise ValueError("data.train is empty: give one or more manifests, e.g. "
                          "data.train=corpus/train.jsonl")
     train = make_dataloader(cfg.data.train, cfg.data, features=features, training=True,
                             seed=cfg.train.seed, rank=rank, world_size=world_size,
-                            batch_size=local_batch_size(cfg.train), n_mels=n_mels)
+                            batch_size=local_batch_size(cfg.train))
     dev = None
     if cfg.data.dev:
         dev = make_dataloader(cfg.data.dev, cfg.data, features=features, training=False,
                               rank=rank, world_size=world_size,
-                              max_utterances=cfg.train.dev_utterances, n_mels=n_mels)
+                              max_utterances=cfg.train.dev_utterances)
     return train, dev
 
 
