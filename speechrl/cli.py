@@ -188,7 +188,7 @@ def run_command(args: argparse.Namespace) -> int:
         _say(f"{args.command}: interrupted")
         return 128 + signal.SIGINT
     except Exception as err:
-        stopped = _class("speechrl.train.common", "RunStopped")
+        stopped = _class("speechrl.train.stopping", "RunStopped")
         if stopped is not None and isinstance(err, stopped):  # saved and stopped on purpose
             _say(str(err))
             return err.exit_code
@@ -267,7 +267,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         check_output_folder(args.out, "--out")
         from speechrl.demo import run_demo
-        from speechrl.train.common import RunStopped
+        from speechrl.train.stopping import RunStopped
 
         try:
             with _signals_stop_the_demo():
@@ -330,8 +330,8 @@ def _signals_stop_the_demo() -> Iterator[None]:
     """SIGTERM or SIGINT outside a stage's training loop (synthesis, loading, evaluation) stops
     the demo at once with a message: the finished stages, and the interrupted stage's last
     checkpoint, are kept. Inside a loop, the stage's own handler finishes the step and saves
-    first (train.common.stop_on_signals), then hands back to this one."""
-    from speechrl.train.common import RunStopped
+    first (train.stopping.stop_on_signals), then hands back to this one."""
+    from speechrl.train.stopping import RunStopped
 
     def stop(signum: int, frame) -> None:
         raise RunStopped(f"stopped by {signal.Signals(signum).name} outside a training step; "

@@ -45,8 +45,7 @@ def decode_manifest(model, manifest: str | Path, *, options, device, data_cfg=No
     from speechrl.data import make_dataloader
     from speechrl.generate import generate
     from speechrl.report import Hypothesis
-    from speechrl.runtime import autocast
-    from speechrl.train.common import gather_skips
+    from speechrl.runtime import autocast, gather_skips
 
     data_cfg = data_cfg or DataConfig()
     loader = make_dataloader([str(manifest)], data_cfg, features=model.encoder.input_kind,

@@ -50,27 +50,24 @@ import torch
 from speechrl import distributed
 from speechrl.config import GRPOConfig, RunConfig, check_stage
 from speechrl.losses import PRESETS, group_advantages, informative_groups, policy_loss
+from speechrl.runtime import autocast, progress, say
 from speechrl.train.common import (
     Run,
-    TrainerState,
-    autocast,
-    build_optimizer,
-    build_scheduler,
-    clip_and_check,
     endless_batches,
-    maybe_resume,
-    prepare_model,
-    progress,
     report_skips,
-    save_training_checkpoint,
-    say,
     skip_nonfinite,
     start_run,
-    stop_if_needed,
-    stop_on_signals,
     track_skips,
 )
+from speechrl.train.optim import build_optimizer, build_scheduler, clip_and_check
+from speechrl.train.resume import (
+    TrainerState,
+    maybe_resume,
+    prepare_model,
+    save_training_checkpoint,
+)
 from speechrl.train.speech import dev_evaluation, keep_if_best, load_or_build_model, speech_loaders
+from speechrl.train.stopping import stop_if_needed, stop_on_signals
 
 
 def resolve_algorithm(cfg: GRPOConfig) -> GRPOConfig:

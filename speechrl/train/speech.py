@@ -10,17 +10,12 @@ from __future__ import annotations
 import torch
 
 from speechrl import distributed
+from speechrl.checkpoint import save_speech_checkpoint
 from speechrl.config import ConfigError, RunConfig
 from speechrl.losses import sft_loss
-from speechrl.train.common import (
-    Run,
-    TrainerState,
-    autocast,
-    encode_targets,
-    local_batch_size,
-    save_speech_checkpoint,
-    say,
-)
+from speechrl.runtime import autocast, say
+from speechrl.train.common import Run, encode_targets, local_batch_size
+from speechrl.train.resume import TrainerState
 
 
 def load_or_build_model(cfg: RunConfig, device: torch.device):
