@@ -203,7 +203,8 @@ def run_command(args: argparse.Namespace) -> int:
 # are looked up among the modules already imported: an error of a module that was never
 # imported cannot have been raised, and importing it (torch) only to check would be slow.
 _EXPECTED = (("speechrl.config", "ConfigError", 2), ("speechrl.config", "InputError", 1),
-             ("speechrl.checkpoint", "CheckpointError", 1), ("speechrl.data", "ManifestError", 1),
+             ("speechrl.checkpoint", "CheckpointError", 1),
+             ("speechrl.manifest", "ManifestError", 1),
              ("speechrl.audio", "AudioError", 1),
              ("builtins", "FileNotFoundError", 1))  # a path given that is not there
 

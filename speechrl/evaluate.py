@@ -33,7 +33,7 @@ def decode_manifest(model, manifest: str | Path, *, options, device, data_cfg=No
     in ``precision`` (``fp32``, ``bf16`` autocast, or ``auto``: see :mod:`speechrl.runtime`).
 
     Rows that cannot be read are skipped and counted by the loader, never fatal; ``skips`` (a
-    :class:`~speechrl.data.SkipCounter`), when given, receives them from all ranks. Under
+    :class:`~speechrl.manifest.SkipCounter`), when given, receives them from all ranks. Under
     torchrun every rank decodes its batches and every rank returns all the records, in one
     process's order.
     """
@@ -114,7 +114,7 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
     check_eval_inputs(checkpoints, sets, out_dir, training_metrics, device=device)
     from speechrl import distributed
     from speechrl.checkpoint import CheckpointError, load_model
-    from speechrl.data import ManifestError, SkipCounter
+    from speechrl.manifest import ManifestError, SkipCounter
     from speechrl.report import write_report
     from speechrl.runtime import announce_precision, say
 

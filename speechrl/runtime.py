@@ -176,9 +176,9 @@ def progress(total: int, initial: int, desc: str):
 
 
 def gather_skips(skips):
-    """The :class:`~speechrl.data.SkipCounter` of all ranks merged: each rank meets the bad audio
-    of its own batches (the manifest's bad rows, every rank alike). Every rank calls it."""
-    from speechrl.data import SkipCounter
+    """The :class:`~speechrl.manifest.SkipCounter` of all ranks merged: each rank meets the bad
+    audio of its own batches (the manifest's bad rows, every rank alike). Every rank calls it."""
+    from speechrl.manifest import SkipCounter
 
     merged = SkipCounter()
     for part in distributed.all_gather_objects(skips):

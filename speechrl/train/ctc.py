@@ -93,7 +93,7 @@ def greedy_ctc(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]
 def train_ctc(cfg: RunConfig) -> Path:
     from speechrl.data import make_dataloader
     from speechrl.encoders import ConformerEncoder
-    from speechrl.train.lm import corpus_texts
+    from speechrl.manifest import corpus_texts
 
     check_stage(cfg, "pretrain-encoder")  # before anything is loaded or written
     run = start_run(cfg, "pretrain-encoder")

@@ -22,21 +22,12 @@ import torch
 
 from speechrl import checkpoint, distributed
 from speechrl.config import RunConfig, check_stage
+from speechrl.manifest import corpus_texts
 from speechrl.runtime import autocast, progress, say
 from speechrl.train.common import Run, pretraining_update, start_run
 from speechrl.train.optim import build_optimizer, build_scheduler
 from speechrl.train.resume import TrainerState, maybe_resume, resume_files, resume_folder
 from speechrl.train.stopping import stop_if_needed, stop_on_signals
-
-
-def corpus_texts(manifests, extra_files=()) -> list[str]:
-    """Transcripts of the manifests (audio is not read) and the lines of plain-text files."""
-    from speechrl.data import read_manifest_texts
-
-    texts = [t for m in manifests for t in read_manifest_texts(m)]
-    for path in extra_files:
-        texts += [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    return texts
 
 
 def pack_sequences(texts: list[str], tokenizer, per_sequence: int, max_length: int,
