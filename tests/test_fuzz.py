@@ -7,8 +7,7 @@ Every kind of bad row :mod:`speechrl.manifest` and :mod:`speechrl.data` recognis
 empty text, durations that are absurd or over the limit, missing, unreadable, truncated, empty,
 too short or mismatched audio, texts of 100k characters, relative paths out of the manifest's
 folder), and so are rows that look odd but are fine (an absolute path elsewhere, a ``..`` that
-stays inside), which must be
-kept."""
+stays inside), which must be kept."""
 
 from __future__ import annotations
 
