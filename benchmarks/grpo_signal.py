@@ -46,8 +46,8 @@ from speechrl.losses import group_advantages, policy_loss
 from speechrl.metrics import error_counts
 from speechrl.model import token_logprobs
 from speechrl.rewards import build_reward
-from speechrl.runtime import autocast
-from speechrl.train.common import MetricsLogger, Run
+from speechrl.runtime import MetricsLogger, autocast
+from speechrl.train.common import Run
 from speechrl.train.grpo import Rollout, resolve_algorithm, sample_groups
 
 HEADERS = ("reward", "mean", "within-group var %", "all-equal groups %", "distinct / group",

@@ -83,7 +83,8 @@ from _common import (
 from speechrl.config import GRPOConfig, RunConfig, TrainConfig
 from speechrl.distributed import World
 from speechrl.model import DTYPES, SpeechLLM
-from speechrl.train.common import MetricsLogger, Run, build_optimizer
+from speechrl.runtime import MetricsLogger
+from speechrl.train.common import Run
 from speechrl.train.grpo import (
     Rollout,
     candidate_logprobs,
@@ -92,6 +93,7 @@ from speechrl.train.grpo import (
     resolve_algorithm,
     step_advantages,
 )
+from speechrl.train.optim import build_optimizer
 
 HEADERS = ("preset", "path", "B", "G", "L", "T", "step s", "ref s", "old s", "update s",
            "tokens/s", "update tok/s", "logprob tok/s", "TFLOP/step", "TFLOP/s", "MFU",

@@ -5,8 +5,15 @@
     llm/config.json        the LLM's Hugging Face config
     encoder/config.json    the encoder's config (HF, or the built-in conformer's)
     tokenizer/             Hugging Face tokenizer files
-    trainer_state.json     for resuming (optional)
-    optimizer.pt           for resuming (optional; tensors and plain containers only)
+    trainer_state.json     for resuming (optional): step, data position, counters, RNG
+    optimizer.pt           for resuming (optional; tensors and plain containers only): the
+                           schedule, torch's RNG states and, unless FSDP2 shards it, the
+                           optimizer state
+    optimizer_shards/      for resuming under FSDP2: each rank's part of the optimizer state
+
+The pre-training stages write other model files into the same kind of folder (a Hugging Face
+LLM, the encoder alone) and their resume files with :func:`write_resume_files`. This module is
+the only one that names the files; every stage reads and writes them through it.
 
 Loading never needs the original model folders. A save goes to a temporary folder beside the
 target, is fsync'ed, then renamed into place, so a crash mid-save leaves the previous checkpoint
@@ -31,6 +38,7 @@ import torch
 import transformers
 
 import speechrl
+from speechrl import distributed
 from speechrl.config import ModelConfig, from_dict, to_dict
 from speechrl.model import SpeechLLM
 from speechrl.prompt import build_prompt, render_prompt
@@ -44,6 +52,9 @@ ENCODER_DIR = "encoder"
 TOKENIZER_DIR = "tokenizer"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
+# Under FSDP2 the optimizer moments stay sharded: each rank writes its part here with
+# torch.distributed.checkpoint, and any number of ranks can read them back.
+SHARDED_OPTIMIZER = "optimizer_shards"
 REQUIRED = (
     MANIFEST,
     WEIGHTS,
@@ -100,6 +111,58 @@ def write_checkpoint(
         torch.save(optimizer_state, folder / OPTIMIZER)
 
 
+def training_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                     rng: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What ``optimizer.pt`` holds: the schedule, the RNG states ``rng`` and, unless FSDP2
+    shards it, the optimizer state."""
+    payload = {"scheduler": scheduler.state_dict(), **rng}
+    if not distributed.is_sharded(model):
+        payload["optimizer"] = optimizer.state_dict()
+    return payload
+
+
+def save_optimizer_shards(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                          folder: Path) -> None:
+    """FSDP2 only (a no-op otherwise): every rank writes its optimizer shard into ``folder``."""
+    if distributed.is_sharded(model):
+        distributed.save_sharded_optimizer(model, optimizer, folder / SHARDED_OPTIMIZER)
+
+
+def write_resume_files(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       trainer_state: dict[str, Any], payload: dict[str, Any]) -> None:
+    """What a resume needs besides the weights, into the (temporary) ``folder`` of a
+    :func:`shared_atomic_directory`: every rank its optimizer shard (FSDP2), rank 0
+    ``trainer_state.json`` and ``optimizer.pt`` (``payload``, from :func:`training_payload`)."""
+    save_optimizer_shards(model, optimizer, folder)
+    if distributed.is_main():
+        (folder / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+        torch.save(payload, folder / OPTIMIZER)
+
+
+def save_speech_checkpoint(model: torch.nn.Module, path: Path, *,
+                           trainer_state: dict[str, Any] | None = None,
+                           optimizer: torch.optim.Optimizer | None = None,
+                           payload: dict[str, Any] | None = None) -> Path:
+    """A checkpoint folder of a (possibly wrapped) speech-LLM, written once; with ``optimizer``
+    and ``payload`` (:func:`training_payload`) a resumable one. Every rank calls it: rank 0
+    writes the files; under FSDP2 all ranks first gather the weights and write their optimizer
+    shards."""
+    weights = distributed.full_state_dict(model) if distributed.is_sharded(model) else None
+    with shared_atomic_directory(path) as tmp:
+        if optimizer is not None:
+            save_optimizer_shards(model, optimizer, tmp)
+        if distributed.is_main():
+            write_checkpoint(distributed.unwrap(model), tmp, trainer_state=trainer_state,
+                             optimizer_state=payload, state_dict=weights)
+    return path
+
+
+def write_weights(folder: Path, weights: dict[str, torch.Tensor]) -> None:
+    """``weights`` (every tensor once, plain) as the folder's ``model.safetensors``."""
+    safetensors.torch.save_file({k: v.contiguous() for k, v in weights.items()},
+                                str(folder / WEIGHTS))
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``path``; when the block ends without error, fsync
@@ -150,8 +213,28 @@ def write_model(model: SpeechLLM, folder: Path,
         # save_model drops the duplicate names of tied tensors (embeddings shared with lm_head).
         safetensors.torch.save_model(model, str(folder / WEIGHTS), force_contiguous=True)
     else:
-        safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()},
-                                    str(folder / WEIGHTS))
+        write_weights(folder, state_dict)
+
+
+@contextlib.contextmanager
+def shared_atomic_directory(path: Path) -> Iterator[Path]:
+    """:func:`atomic_directory` for all ranks together: rank 0 creates the temporary folder
+    and, after every rank has written its part into it, renames it into place. Other ranks get
+    the same temporary path (a shared file system is assumed, as for data)."""
+    if not torch.distributed.is_initialized():
+        with atomic_directory(path) as tmp:
+            yield tmp
+        return
+    if distributed.is_main():
+        with atomic_directory(path) as tmp:
+            distributed.broadcast_object(str(tmp))
+            yield tmp
+            distributed.barrier()  # every rank's shard is written before the rename
+    else:
+        tmp = Path(distributed.broadcast_object(None))
+        yield tmp
+        distributed.barrier()
+    distributed.barrier()  # nobody reads ``path`` before it is in place
 
 
 def _base_llm(model: SpeechLLM) -> torch.nn.Module:
@@ -269,8 +352,28 @@ def _load_tokenizer(path: Path, manifest: dict[str, Any],
     return tokenizer
 
 
-def load_weights(model: SpeechLLM, path: str | Path) -> None:
-    """Copy the weights of the checkpoint ``path`` into ``model`` (same architecture), in place."""
+def is_resumable(path: str | Path) -> bool:
+    """Whether the folder ``path`` holds a training state to resume from."""
+    return (Path(path) / TRAINER_STATE).exists()
+
+
+def restore_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
+                      payload: dict[str, Any]) -> None:
+    """Load the optimizer state saved by :func:`training_payload` / :func:`save_optimizer_shards`
+    (whatever the number of ranks then and now)."""
+    shards = folder / SHARDED_OPTIMIZER
+    if shards.is_dir():  # FSDP2's shards load into any number of ranks, sharded or not
+        distributed.load_sharded_optimizer(model, optimizer, shards)
+    elif distributed.is_sharded(model):
+        raise ValueError(f"{folder} was saved by a DDP or one-process run, whose optimizer state "
+                         "cannot be sharded on load; resume it with train.parallel=ddp")
+    else:
+        optimizer.load_state_dict(payload["optimizer"])
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Copy the weights of the folder ``path`` (a speechrl checkpoint, or a pre-training stage's
+    ``last``) into ``model`` (same architecture), in place."""
     weights = Path(path) / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {WEIGHTS}")

@@ -188,7 +188,7 @@ def run_command(args: argparse.Namespace) -> int:
         _say(f"{args.command}: interrupted")
         return 128 + signal.SIGINT
     except Exception as err:
-        stopped = _class("speechrl.train.common", "RunStopped")
+        stopped = _class("speechrl.train.stopping", "RunStopped")
         if stopped is not None and isinstance(err, stopped):  # saved and stopped on purpose
             _say(str(err))
             return err.exit_code
@@ -203,7 +203,8 @@ def run_command(args: argparse.Namespace) -> int:
 # are looked up among the modules already imported: an error of a module that was never
 # imported cannot have been raised, and importing it (torch) only to check would be slow.
 _EXPECTED = (("speechrl.config", "ConfigError", 2), ("speechrl.config", "InputError", 1),
-             ("speechrl.checkpoint", "CheckpointError", 1), ("speechrl.data", "ManifestError", 1),
+             ("speechrl.checkpoint", "CheckpointError", 1),
+             ("speechrl.manifest", "ManifestError", 1),
              ("speechrl.audio", "AudioError", 1),
              ("builtins", "FileNotFoundError", 1))  # a path given that is not there
 
@@ -267,7 +268,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         check_output_folder(args.out, "--out")
         from speechrl.demo import run_demo
-        from speechrl.train.common import RunStopped
+        from speechrl.train.stopping import RunStopped
 
         try:
             with _signals_stop_the_demo():
@@ -331,8 +332,8 @@ def _signals_stop_the_demo() -> Iterator[None]:
     """SIGTERM or SIGINT outside a stage's training loop (synthesis, loading, evaluation) stops
     the demo at once with a message: the finished stages, and the interrupted stage's last
     checkpoint, are kept. Inside a loop, the stage's own handler finishes the step and saves
-    first (train.common.stop_on_signals), then hands back to this one."""
-    from speechrl.train.common import RunStopped
+    first (train.stopping.stop_on_signals), then hands back to this one."""
+    from speechrl.train.stopping import RunStopped
 
     def stop(signum: int, frame) -> None:
         raise RunStopped(f"stopped by {signal.Signals(signum).name} outside a training step; "

@@ -301,6 +301,25 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DecodingConfig:
+    """How a transcript is decoded and scored wherever one is: the dev WER of SFT and GRPO,
+    GRPO's rollouts and rewards, ``eval`` and ``transcribe``. New tokens are capped at
+    ``max_new_tokens`` and by audio duration (``ceil(seconds * tokens_per_second)``, never
+    below ``min_token_cap``; 0 turns the duration cap off), so runaway loops end
+    (``speechrl.generate.DecodingOptions`` applies the caps)."""
+
+    normalizer: str = "whisper"
+    max_new_tokens: int = 128
+    tokens_per_second: float = 8.0
+    min_token_cap: int = 8
+
+
+# The defaults every command decodes with. The run settings keep them in ``grpo.*`` (SFT's dev
+# evaluation reads them there too); ``eval`` and ``transcribe`` take them as options.
+DECODING = DecodingConfig()
+
+
+@dataclass(frozen=True)
 class GRPOConfig:
     """GRPO and its variants (paper eq. 3-9). Fields left as None take the algorithm's preset
     (see ``speechrl.losses.PRESETS``); anything set explicitly wins."""
@@ -309,15 +328,16 @@ class GRPOConfig:
     group_size: int = 6  # G candidates per audio (the paper tried 6 and 10)
     num_iterations: int = 1  # policy updates per rollout batch (old log-probs kept for the ratio)
     reward: str = "wer"  # wer | em | ed | "0.7*wer+0.3*em" | package.module:function
-    normalizer: str = "whisper"  # the same normaliser as evaluation
+    normalizer: str = DECODING.normalizer  # the same normaliser as evaluation
     strategy: str = "sample"  # sample | beam (n-best as the group)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
     num_beams: int | None = None  # beam width for strategy=beam; defaults to group_size
-    max_new_tokens: int = 128
-    tokens_per_second: float = 8.0  # cap on new tokens by audio duration: runaway loops end
+    max_new_tokens: int = DECODING.max_new_tokens
+    # cap on new tokens by audio duration: runaway loops end
+    tokens_per_second: float = DECODING.tokens_per_second
     scale: str | None = None  # advantage scaling: group | batch | none
     agg: str | None = None  # seq_mean_token_mean | token_mean | seq_mean_token_sum_norm
     beta: float | None = None  # k3 KL weight towards the reference (SFT) model

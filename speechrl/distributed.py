@@ -403,26 +403,3 @@ def load_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=str(folder))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
-
-
-@contextlib.contextmanager
-def shared_atomic_directory(path: Path) -> Iterator[Path]:
-    """:func:`speechrl.checkpoint.atomic_directory` for all ranks together: rank 0 creates the
-    temporary folder and, after every rank has written its part into it, renames it into place.
-    Other ranks get the same temporary path (a shared file system is assumed, as for data)."""
-    from speechrl.checkpoint import atomic_directory
-
-    if not dist.is_initialized():
-        with atomic_directory(path) as tmp:
-            yield tmp
-        return
-    if is_main():
-        with atomic_directory(path) as tmp:
-            broadcast_object(str(tmp))
-            yield tmp
-            barrier()  # every rank's shard is written before the rename
-    else:
-        tmp = Path(broadcast_object(None))
-        yield tmp
-        barrier()
-    barrier()  # nobody reads ``path`` before it is in place

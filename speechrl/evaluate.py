@@ -18,7 +18,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from speechrl.config import ConfigError, InputError, check_output_folder, device_error
+from speechrl.config import (
+    CHOICES,
+    DECODING,
+    ConfigError,
+    InputError,
+    check_output_folder,
+    device_error,
+)
 
 if TYPE_CHECKING:
     from speechrl.report import Finding, Hypothesis, ReportPaths, Section
@@ -33,7 +40,7 @@ def decode_manifest(model, manifest: str | Path, *, options, device, data_cfg=No
     in ``precision`` (``fp32``, ``bf16`` autocast, or ``auto``: see :mod:`speechrl.runtime`).
 
     Rows that cannot be read are skipped and counted by the loader, never fatal; ``skips`` (a
-    :class:`~speechrl.data.SkipCounter`), when given, receives them from all ranks. Under
+    :class:`~speechrl.manifest.SkipCounter`), when given, receives them from all ranks. Under
     torchrun every rank decodes its batches and every rank returns all the records, in one
     process's order.
     """
@@ -45,8 +52,7 @@ def decode_manifest(model, manifest: str | Path, *, options, device, data_cfg=No
     from speechrl.data import make_dataloader
     from speechrl.generate import generate
     from speechrl.report import Hypothesis
-    from speechrl.runtime import autocast
-    from speechrl.train.common import gather_skips
+    from speechrl.runtime import autocast, gather_skips
 
     data_cfg = data_cfg or DataConfig()
     loader = make_dataloader([str(manifest)], data_cfg, features=model.encoder.input_spec,
@@ -75,20 +81,23 @@ def decode_manifest(model, manifest: str | Path, *, options, device, data_cfg=No
     return distributed.interleave(distributed.all_gather_objects(batches))
 
 
-def decoding_options(beam: int = 0, max_new_tokens: int = 128, tokens_per_second: float = 8.0):
-    """Greedy by default (the paper's evaluation); beam search when ``beam`` > 1."""
+def decoding_options(beam: int = 0, max_new_tokens: int = DECODING.max_new_tokens,
+                     tokens_per_second: float = DECODING.tokens_per_second):
+    """Greedy by default (the paper's evaluation); beam search when ``beam`` > 1; the token caps
+    of :data:`~speechrl.config.DECODING` unless given."""
     from speechrl.generate import DecodingOptions
 
+    caps = dict(max_new_tokens=max_new_tokens, tokens_per_second=tokens_per_second,
+                min_token_cap=DECODING.min_token_cap)
     if beam > 1:
-        return DecodingOptions(strategy="beam", num_beams=beam, max_new_tokens=max_new_tokens,
-                               tokens_per_second=tokens_per_second)
-    return DecodingOptions(strategy="greedy", max_new_tokens=max_new_tokens,
-                           tokens_per_second=tokens_per_second)
+        return DecodingOptions(strategy="beam", num_beams=beam, **caps)
+    return DecodingOptions(strategy="greedy", **caps)
 
 
 def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[str, str | Path],
-                         out_dir: str | Path, *, normalizer: str = "whisper", beam: int = 0,
-                         device: str = "auto", max_new_tokens: int = 128,
+                         out_dir: str | Path, *, normalizer: str = DECODING.normalizer,
+                         beam: int = 0, device: str = "auto",
+                         max_new_tokens: int = DECODING.max_new_tokens,
                          sections: Sequence[Section | Mapping[str, Any]] | None = None,
                          training_metrics: Mapping[str, str | Path] | None = None,
                          curve_keys: Sequence[str] | None = None,
@@ -115,7 +124,7 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
     check_eval_inputs(checkpoints, sets, out_dir, training_metrics, device=device)
     from speechrl import distributed
     from speechrl.checkpoint import CheckpointError, load_model
-    from speechrl.data import ManifestError, SkipCounter
+    from speechrl.manifest import ManifestError, SkipCounter
     from speechrl.report import write_report
     from speechrl.runtime import announce_precision, say
 
@@ -257,10 +266,10 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="folder for report.md, report.json, plots")
     parser.add_argument("--beam", type=int, default=0,
                         help="beam width; 0 decodes greedily (default: %(default)s)")
-    parser.add_argument("--normalizer", default="whisper",
-                        choices=["whisper", "basic", "lower", "none"],
+    parser.add_argument("--normalizer", default=DECODING.normalizer,
+                        choices=CHOICES["grpo.normalizer"],
                         help="text normaliser applied before scoring (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=128,
+    parser.add_argument("--max-new-tokens", type=int, default=DECODING.max_new_tokens,
                         help="cap on tokens per transcript (default: %(default)s)")
     add_device_argument(parser)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],

@@ -18,13 +18,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import platform
+import random
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from speechrl import distributed
@@ -155,3 +160,68 @@ def say(message: str) -> None:
     if distributed.is_main():
         tqdm.write(message, file=sys.stderr)
         sys.stderr.flush()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def progress(total: int, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=2.0,
+                disable=not distributed.is_main())
+
+
+def gather_skips(skips):
+    """The :class:`~speechrl.manifest.SkipCounter` of all ranks merged: each rank meets the bad
+    audio of its own batches (the manifest's bad rows, every rank alike). Every rank calls it."""
+    from speechrl.manifest import SkipCounter
+
+    merged = SkipCounter()
+    for part in distributed.all_gather_objects(skips):
+        merged.merge(part)
+    return merged
+
+
+class MetricsLogger:
+    """Metrics as JSONL (``metrics.jsonl``) and TensorBoard events, and a short console line."""
+
+    def __init__(self, output_dir: Path, enabled: bool = True):
+        self.enabled = enabled and distributed.is_main()
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self._tb = None
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+            except ImportError:  # tensorboard is a dependency, but logging must never stop a run
+                self._tb = None
+
+    def log(self, step: int, metrics: dict[str, float], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.time(), 3)}
+        row.update({f"{prefix}{k}": _plain(v) for k, v in metrics.items()})
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    if isinstance(v, float):
+        return round(v, 6)
+    return v

@@ -147,7 +147,7 @@ def test_help_is_fast_and_says_what_each_stage_does_and_its_defaults(tmp_path):
 
 
 def test_a_progress_bar_keeps_its_line_when_a_stage_says_something(capsys):
-    from speechrl.train.common import progress, say
+    from speechrl.runtime import progress, say
 
     bar = progress(10, 0, "sft")
     bar.update(1)

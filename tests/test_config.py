@@ -176,7 +176,7 @@ def recorded(tmp_path: Path, cfg: RunConfig, stage: str = "sft") -> Path:
 
 
 def test_resume_refuses_changed_settings_naming_each_key(tmp_path):
-    from speechrl.train.common import check_resumed_settings
+    from speechrl.train.resume import check_resumed_settings
 
     old = RunConfig(train=TrainConfig(lr=1e-4, max_steps=5))
     out = recorded(tmp_path, old)
@@ -190,7 +190,7 @@ def test_resume_refuses_changed_settings_naming_each_key(tmp_path):
 
 
 def test_resume_accepts_cadence_and_a_constant_schedules_lr_and_says_so(tmp_path, capsys):
-    from speechrl.train.common import check_resumed_settings
+    from speechrl.train.resume import check_resumed_settings
 
     old = RunConfig(train=TrainConfig(lr=1e-4, schedule="constant", max_steps=5))
     out = recorded(tmp_path, old)
@@ -206,7 +206,8 @@ def test_resume_accepts_cadence_and_a_constant_schedules_lr_and_says_so(tmp_path
 def test_a_resumed_constant_schedule_takes_the_new_lr(tmp_path):
     """The scheduler's saved state holds the old peak rate: the new one replaces it, at the
     step's factor (here the third of 4 warm-up steps)."""
-    from speechrl.train.common import build_optimizer, build_scheduler, use_configured_lr
+    from speechrl.train.optim import build_optimizer, build_scheduler
+    from speechrl.train.resume import use_configured_lr
 
     model = torch.nn.Linear(2, 2)
     old_cfg = TrainConfig(lr=1e-4, schedule="constant", warmup_steps=4)

@@ -14,17 +14,14 @@ import torch
 
 from speechrl.config import DataConfig
 from speechrl.data import (
-    DurationBatchSampler,
-    ManifestError,
     Skip,
     SpeechDataset,
     collate,
     features_for_files,
     make_dataloader,
-    read_manifest,
-    read_manifest_texts,
-    write_manifest,
 )
+from speechrl.manifest import ManifestError, read_manifest, read_manifest_texts, write_manifest
+from speechrl.sampling import DurationBatchSampler
 
 SR = 16000
 

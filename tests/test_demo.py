@@ -33,12 +33,13 @@ def sigterm_after_first_fresh_step(monkeypatch) -> dict[str, bool]:
     """Make the first stage that starts afresh (its progress bar starts at step 0) in a demo run
     get SIGTERM after its first step, as a job scheduler would send it; set ``armed`` before
     each run. A resumed stage (its bar starts further on) runs to its end."""
-    from speechrl.train import common, ctc, grpo, lm, sft
+    from speechrl import runtime
+    from speechrl.train import ctc, grpo, lm, sft
 
     armed = {"armed": False}
 
     def progress(total: int, initial: int, desc: str):
-        bar = common.progress(total, initial, desc)
+        bar = runtime.progress(total, initial, desc)
         if initial == 0 and armed["armed"]:
             armed["armed"] = False
             update = bar.update
@@ -58,7 +59,7 @@ def sigterm_after_first_fresh_step(monkeypatch) -> dict[str, bool]:
 
 def test_demo_stopped_in_every_stage_resumes_each_then_a_restart_only_rewrites_the_report(
         tmp_path, capsys, monkeypatch):
-    from speechrl.train.common import RunStopped
+    from speechrl.train.stopping import RunStopped
 
     out = tmp_path / "demo"
     armed = sigterm_after_first_fresh_step(monkeypatch)

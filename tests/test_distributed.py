@@ -67,7 +67,7 @@ def test_interleave_restores_one_process_order():
 
 
 def test_fixed_batches_are_global_slices():
-    from speechrl.data import DurationBatchSampler
+    from speechrl.sampling import DurationBatchSampler
 
     durations = np.random.default_rng(0).uniform(1.0, 5.0, size=30)
 

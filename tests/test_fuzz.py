@@ -2,12 +2,12 @@
 ``grpo`` and ``eval`` on the command line: nothing may crash, and the skips each one reports
 (``skips.json``) must equal, reason by reason, the rows planted.
 
-Every kind of bad row :mod:`speechrl.data` recognises is planted (bad JSON, missing fields,
-fields of the wrong type, text that is not UTF-8, duplicate ids, empty text, durations that are
-absurd or over the limit, missing, unreadable, truncated, empty, too short or mismatched audio,
-texts of 100k characters, relative paths out of the manifest's folder), and so are rows that
-look odd but are fine (an absolute path elsewhere, a ``..`` that stays inside), which must be
-kept."""
+Every kind of bad row :mod:`speechrl.manifest` and :mod:`speechrl.data` recognise is planted
+(bad JSON, missing fields, fields of the wrong type, text that is not UTF-8, duplicate ids,
+empty text, durations that are absurd or over the limit, missing, unreadable, truncated, empty,
+too short or mismatched audio, texts of 100k characters, relative paths out of the manifest's
+folder), and so are rows that look odd but are fine (an absolute path elsewhere, a ``..`` that
+stays inside), which must be kept."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from speechrl import distributed
 from speechrl.checkpoint import OPTIMIZER, TRAINER_STATE, load_training_state
 from speechrl.model import token_logprobs
 from speechrl.runtime import autocast, resolve_precision
-from speechrl.train.common import TrainerState, capture_rng, restore_rng
+from speechrl.train.resume import TrainerState, capture_rng, restore_rng
 
 pytestmark = [
     pytest.mark.gpu,

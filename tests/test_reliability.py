@@ -136,7 +136,7 @@ def test_a_run_stopped_mid_warmup_resumes_to_the_uninterrupted_state(
         tmp_path, corpus, tiny_model_config_module, monkeypatch, name):
     from speechrl.config import ModelConfig, ProjectorConfig
     from speechrl.train import ctc, lm, sft
-    from speechrl.train.common import RunStopped
+    from speechrl.train.stopping import RunStopped
 
     stage, signum, encoder, augment, settings = STOPPED_RUNS[name]
     module, train = {"pretrain-lm": (lm, lm.train_lm), "pretrain-encoder": (ctc, ctc.train_ctc),
@@ -205,7 +205,7 @@ def test_kill9_during_grpo_resumes_exactly(tmp_path, corpus, tiny_model_config_m
 def test_nonfinite_steps_in_a_row_stop_with_a_checkpoint(tmp_path, corpus,
                                                         tiny_model_config_module, monkeypatch):
     from speechrl.train import sft as sft_stage
-    from speechrl.train.common import RunStopped
+    from speechrl.train.stopping import RunStopped
 
     good = sft_config(tmp_path / "good", corpus, tiny_model_config_module, max_steps=2)
     sft_stage.train_sft(good)
@@ -238,7 +238,7 @@ def test_pretraining_counts_nonfinite_steps_and_stops(tmp_path, corpus, tiny_enc
     of steps 3-5 are made NaN before the real update sees them."""
     from speechrl.config import ModelConfig, ProjectorConfig
     from speechrl.train import common, ctc, lm
-    from speechrl.train.common import RunStopped
+    from speechrl.train.stopping import RunStopped
 
     module, train = (lm, lm.train_lm) if stage == "pretrain-lm" else (ctc, ctc.train_ctc)
     model_cfg = ModelConfig(projector=ProjectorConfig(stack=2)) if stage == "pretrain-lm" \
@@ -674,8 +674,8 @@ def test_a_run_stopped_by_nonfinite_steps_writes_skips_json(tmp_path, corpus,
                                                             tiny_model_config_module,
                                                             monkeypatch):
     from speechrl.train import grpo as grpo_stage
-    from speechrl.train.common import RunStopped
     from speechrl.train.sft import train_sft
+    from speechrl.train.stopping import RunStopped
 
     init = train_sft(sft_config(tmp_path / "init", corpus, tiny_model_config_module,
                                 max_steps=1))

@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 
 from speechrl import synth
-from speechrl.data import read_manifest
+from speechrl.manifest import read_manifest
 from speechrl.textgen import LANGUAGES
 
 # --------------------------------------------------------------------------- voices and plan

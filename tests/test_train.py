@@ -421,7 +421,8 @@ def test_accumulated_micro_batches_give_the_whole_batch_gradient(tone_corpus, ti
     from speechrl.data import make_dataloader
     from speechrl.model import SpeechLLM
     from speechrl.tokenizer import SpeechTokenizer
-    from speechrl.train.common import TrainerState, encode_targets
+    from speechrl.train.common import encode_targets
+    from speechrl.train.resume import TrainerState
     from speechrl.train.sft import sft_step
 
     cfg = run_config(Path("unused"), tone_corpus, tiny_model_config, grad_clip=0.0)

@@ -18,32 +18,24 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
-from speechrl import distributed
+from speechrl import checkpoint, distributed
 from speechrl.config import RunConfig, check_stage
+from speechrl.runtime import autocast, progress, say
 from speechrl.train.common import (
     Run,
-    TrainerState,
-    autocast,
-    build_optimizer,
-    build_scheduler,
     endless_batches,
     local_batch_size,
-    maybe_resume,
     pretraining_update,
-    progress,
-    resume_folder,
-    save_optimizer_shards,
-    say,
     start_run,
-    stop_if_needed,
-    stop_on_signals,
-    training_payload,
 )
+from speechrl.train.optim import build_optimizer, build_scheduler
+from speechrl.train.resume import TrainerState, maybe_resume, resume_files, resume_folder
+from speechrl.train.stopping import stop_if_needed, stop_on_signals
 
 BLANK = 0
+VOCABULARY = "vocab.json"  # the characters, in ``output_dir/last`` (for inspection)
 
 
 class CharVocabulary:
@@ -101,7 +93,7 @@ def greedy_ctc(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]
 def train_ctc(cfg: RunConfig) -> Path:
     from speechrl.data import make_dataloader
     from speechrl.encoders import ConformerEncoder
-    from speechrl.train.lm import corpus_texts
+    from speechrl.manifest import corpus_texts
 
     check_stage(cfg, "pretrain-encoder")  # before anything is loaded or written
     run = start_run(cfg, "pretrain-encoder")
@@ -123,7 +115,7 @@ def train_ctc(cfg: RunConfig) -> Path:
                                      world_size=size)
     last = resume_folder(run)
     if last is not None:  # weights before wrapping: FSDP2 shards what each rank holds
-        plain.load_state_dict(load_file(str(last / "model.safetensors")))
+        checkpoint.load_weights(plain, last)
     model = distributed.wrap_model(plain, run.world, cfg.train.parallel)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
@@ -207,21 +199,16 @@ def save_ctc(run: Run, model, vocab: CharVocabulary, optimizer, scheduler,
     """``output_dir/encoder`` (the encoder alone) and ``output_dir/last`` (encoder and head,
     vocabulary, optimizer, state), written atomically by rank 0; under FSDP2 every rank helps
     gather the weights and writes its optimizer shard."""
-    from safetensors.torch import save_file
-
     weights = distributed.full_state_dict(model)
-    payload = training_payload(model, optimizer, scheduler, state)
-    with distributed.shared_atomic_directory(run.output_dir / "encoder") as tmp:
+    trainer_state, payload = resume_files(model, optimizer, scheduler, state)
+    with checkpoint.shared_atomic_directory(run.output_dir / "encoder") as tmp:
         if run.is_main:
             plain_encoder(run, model, weights).save_pretrained(tmp)
-    with distributed.shared_atomic_directory(run.output_dir / "last") as tmp:
-        save_optimizer_shards(model, optimizer, tmp)
+    with checkpoint.shared_atomic_directory(run.output_dir / "last") as tmp:
+        checkpoint.write_resume_files(tmp, model, optimizer, trainer_state, payload)
         if run.is_main:
-            save_file({k: v.contiguous() for k, v in weights.items()},
-                      str(tmp / "model.safetensors"))
-            (tmp / "vocab.json").write_text(json.dumps(vocab.chars, ensure_ascii=False))
-            torch.save(payload, tmp / "optimizer.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps(state.to_json()))
+            checkpoint.write_weights(tmp, weights)
+            (tmp / VOCABULARY).write_text(json.dumps(vocab.chars, ensure_ascii=False))
 
 
 def plain_encoder(run: Run, model, weights: dict[str, torch.Tensor]) -> nn.Module:

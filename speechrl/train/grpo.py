@@ -50,27 +50,24 @@ import torch
 from speechrl import distributed
 from speechrl.config import GRPOConfig, RunConfig, check_stage
 from speechrl.losses import PRESETS, group_advantages, informative_groups, policy_loss
+from speechrl.runtime import autocast, progress, say
 from speechrl.train.common import (
     Run,
-    TrainerState,
-    autocast,
-    build_optimizer,
-    build_scheduler,
-    clip_and_check,
     endless_batches,
-    maybe_resume,
-    prepare_model,
-    progress,
     report_skips,
-    save_training_checkpoint,
-    say,
     skip_nonfinite,
     start_run,
-    stop_if_needed,
-    stop_on_signals,
     track_skips,
 )
+from speechrl.train.optim import build_optimizer, build_scheduler, clip_and_check
+from speechrl.train.resume import (
+    TrainerState,
+    maybe_resume,
+    prepare_model,
+    save_training_checkpoint,
+)
 from speechrl.train.speech import dev_evaluation, keep_if_best, load_or_build_model, speech_loaders
+from speechrl.train.stopping import stop_if_needed, stop_on_signals
 
 
 def resolve_algorithm(cfg: GRPOConfig) -> GRPOConfig:
@@ -326,7 +323,7 @@ def audio_generators(step_seed: int, ids: list[str]) -> list[torch.Generator]:
 
 def sample_groups(run: Run, policy, batch, reward_fn, step_seed: int | None,
                   timer) -> Rollout:
-    from speechrl.generate import DecodingOptions, generate_from_speech, max_tokens_for_duration
+    from speechrl.generate import DecodingOptions, generate_from_speech
     from speechrl.metrics import error_counts
 
     grpo = run.cfg.grpo
@@ -340,10 +337,9 @@ def sample_groups(run: Run, policy, batch, reward_fn, step_seed: int | None,
         min_p=grpo.min_p,
         num_beams=grpo.num_beams or G,
         max_new_tokens=grpo.max_new_tokens,
+        tokens_per_second=grpo.tokens_per_second,  # generate caps new tokens by duration
     )
     policy.eval()
-    caps = max_tokens_for_duration(batch.durations, grpo.tokens_per_second,
-                                   floor=min(8, grpo.max_new_tokens), cap=grpo.max_new_tokens)
     generators = None if step_seed is None else audio_generators(step_seed, list(batch.ids))
     frozen = not any(p.requires_grad for p in policy.encoder.parameters())
     with autocast(run.device, run.cfg.train.precision):
@@ -353,7 +349,7 @@ def sample_groups(run: Run, policy, batch, reward_fn, step_seed: int | None,
                                                batch.input_lengths.to(policy.device))
         speech, speech_lengths = policy.projector(frames, frame_lengths)
         result = generate_from_speech(policy, speech, speech_lengths, options,
-                                      max_new_tokens=caps, generator=generators)
+                                      durations=batch.durations, generator=generators)
     with timer("scoring_s"):
         refs = [r for r in batch.texts for _ in range(G)]
         langs = [lang for lang in batch.languages for _ in range(G)]

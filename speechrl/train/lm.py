@@ -15,42 +15,19 @@ by the batch's token count over all ranks, so the update equals one process's.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from speechrl import distributed
+from speechrl import checkpoint, distributed
 from speechrl.config import RunConfig, check_stage
-from speechrl.train.common import (
-    Run,
-    TrainerState,
-    autocast,
-    build_optimizer,
-    build_scheduler,
-    maybe_resume,
-    pretraining_update,
-    progress,
-    resume_folder,
-    save_optimizer_shards,
-    say,
-    start_run,
-    stop_if_needed,
-    stop_on_signals,
-    training_payload,
-)
-
-
-def corpus_texts(manifests, extra_files=()) -> list[str]:
-    """Transcripts of the manifests (audio is not read) and the lines of plain-text files."""
-    from speechrl.data import read_manifest_texts
-
-    texts = [t for m in manifests for t in read_manifest_texts(m)]
-    for path in extra_files:
-        texts += [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    return texts
+from speechrl.manifest import corpus_texts
+from speechrl.runtime import autocast, progress, say
+from speechrl.train.common import Run, pretraining_update, start_run
+from speechrl.train.optim import build_optimizer, build_scheduler
+from speechrl.train.resume import TrainerState, maybe_resume, resume_files, resume_folder
+from speechrl.train.stopping import stop_if_needed, stop_on_signals
 
 
 def pack_sequences(texts: list[str], tokenizer, per_sequence: int, max_length: int,
@@ -103,7 +80,7 @@ def train_lm(cfg: RunConfig) -> Path:
         f"{sum(p.numel() for p in plain.parameters()) / 1e6:.1f}M parameters")
     last = resume_folder(run)
     if last is not None:  # weights before wrapping: FSDP2 shards what each rank holds
-        plain.load_state_dict(load_file(str(last / "model.safetensors")), strict=False)
+        checkpoint.load_weights(plain, last)
     llm = distributed.wrap_model(plain, run.world, cfg.train.parallel)
     optimizer = build_optimizer(llm, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
@@ -210,17 +187,14 @@ def save_lm(run: Run, llm, tokenizer, optimizer, scheduler, state: TrainerState)
     the optimizer, schedule, RNG and data position for resuming. Both written atomically, by
     rank 0 (under FSDP2 every rank helps gather the weights and writes its optimizer shard)."""
     weights = distributed.full_state_dict(llm) if distributed.is_sharded(llm) else None
-    payload = training_payload(llm, optimizer, scheduler, state)
+    trainer_state, payload = resume_files(llm, optimizer, scheduler, state)
     for name in ("model", "last"):
-        with distributed.shared_atomic_directory(run.output_dir / name) as tmp:
+        with checkpoint.shared_atomic_directory(run.output_dir / name) as tmp:
             if name == "last":
-                save_optimizer_shards(llm, optimizer, tmp)
+                checkpoint.write_resume_files(tmp, llm, optimizer, trainer_state, payload)
             if not run.is_main:
                 continue
             # A copy each time: save_pretrained empties the dict it is given.
             distributed.unwrap(llm).save_pretrained(
                 tmp, safe_serialization=True, state_dict=None if weights is None else dict(weights))
             tokenizer.save_pretrained(tmp)
-            if name == "last":
-                torch.save(payload, tmp / "optimizer.pt")
-                (tmp / "trainer_state.json").write_text(json.dumps(state.to_json()))

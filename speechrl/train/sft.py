@@ -19,25 +19,22 @@ from pathlib import Path
 from speechrl import distributed
 from speechrl.config import RunConfig, check_stage
 from speechrl.losses import sft_loss, speech_ctc_loss
+from speechrl.runtime import autocast, progress
 from speechrl.train.common import (
     Run,
-    TrainerState,
-    autocast,
-    build_optimizer,
-    build_scheduler,
-    clip_and_check,
     encode_targets,
     endless_batches,
-    maybe_resume,
-    prepare_model,
-    progress,
     report_skips,
-    save_training_checkpoint,
     skip_nonfinite,
     start_run,
-    stop_if_needed,
-    stop_on_signals,
     track_skips,
+)
+from speechrl.train.optim import build_optimizer, build_scheduler, clip_and_check
+from speechrl.train.resume import (
+    TrainerState,
+    maybe_resume,
+    prepare_model,
+    save_training_checkpoint,
 )
 from speechrl.train.speech import (
     EncoderOutputCache,
@@ -46,6 +43,7 @@ from speechrl.train.speech import (
     load_or_build_model,
     speech_loaders,
 )
+from speechrl.train.stopping import stop_if_needed, stop_on_signals
 
 
 def train_sft(cfg: RunConfig) -> Path:

@@ -10,17 +10,12 @@ from __future__ import annotations
 import torch
 
 from speechrl import distributed
+from speechrl.checkpoint import save_speech_checkpoint
 from speechrl.config import ConfigError, RunConfig
 from speechrl.losses import sft_loss
-from speechrl.train.common import (
-    Run,
-    TrainerState,
-    autocast,
-    encode_targets,
-    local_batch_size,
-    save_speech_checkpoint,
-    say,
-)
+from speechrl.runtime import autocast, say
+from speechrl.train.common import Run, encode_targets, local_batch_size
+from speechrl.train.resume import TrainerState
 
 
 def load_or_build_model(cfg: RunConfig, device: torch.device):
@@ -122,12 +117,13 @@ def dev_evaluation(model, loader, run: Run, normalizer: str) -> dict[str, float]
 def _dev_shard(model, loader, run: Run,
                normalizer: str) -> tuple[float, int, list[str], list[str]]:
     """(loss sum, token count, normalised refs, normalised hyps) of this rank's dev batches."""
-    from speechrl.generate import DecodingOptions, generate_from_speech, max_tokens_for_duration
+    from speechrl.generate import DecodingOptions, generate_from_speech
     from speechrl.text import get_normalizer
 
     was_training = model.training
     model.eval()
-    options = DecodingOptions(strategy="greedy", max_new_tokens=run.cfg.grpo.max_new_tokens)
+    options = DecodingOptions(strategy="greedy", max_new_tokens=run.cfg.grpo.max_new_tokens,
+                              tokens_per_second=run.cfg.grpo.tokens_per_second)
     loss_sum, token_sum = 0.0, 0
     refs, hyps = [], []
     for batch in loader:
@@ -136,12 +132,9 @@ def _dev_shard(model, loader, run: Run,
         with autocast(run.device, run.cfg.train.precision):
             speech, speech_lengths = model.encode_speech(batch.inputs, batch.input_lengths)
             logits = model.target_logits(speech, speech_lengths, targets, mask)
-            caps = max_tokens_for_duration(batch.durations, run.cfg.grpo.tokens_per_second,
-                                           floor=min(8, options.max_new_tokens),
-                                           cap=options.max_new_tokens)
             # The speech encoded for the loss serves the decoding too (one encoder pass).
             result = generate_from_speech(model, speech, speech_lengths, options,
-                                          max_new_tokens=caps)
+                                          durations=batch.durations)
         n = int(mask.sum())
         loss_sum += sft_loss(logits.float(), targets, mask).item() * n
         token_sum += n
