@@ -153,13 +153,28 @@ def test_grpo_with_beam_candidates_trains_on_distinct_beams(sft_model, corpus,
 
 def test_grpo_mask_truncated_leaves_cut_candidates_out_of_the_gradient(
         sft_model, corpus, tiny_model_config_module, monkeypatch):
-    # With a cap of 4 new tokens, the utterances of 4 words are cut. The update's gradient is
-    # the same whatever those candidates' advantages (and tokens); a finished candidate's
-    # advantage does change it.
+    # With a cap below some candidates' lengths, those are cut. The update's gradient is the
+    # same whatever those candidates' advantages (and tokens); a finished candidate's advantage
+    # does change it. The cap comes from an uncut rollout of the same seed (its candidates'
+    # lengths differ from machine to machine): the shortest finished candidate's length, so
+    # that it finishes and the longer ones are cut.
     from speechrl.train import grpo as stage
 
     grads = {}
     real_update = stage.policy_update
+    lengths = {}
+
+    def measure(run, policy, optimizer, rollout, advantages, counts):
+        lengths["finished"] = rollout.mask.sum(1)[rollout.finished].tolist()
+        lengths["longest"] = int(rollout.mask.sum(1).max())
+        return real_update(run, policy, optimizer, rollout, advantages, counts)
+
+    monkeypatch.setattr(stage, "policy_update", measure)
+    stage.train_grpo(grpo_run(corpus, tiny_model_config_module, sft_model, "uncut",
+                              max_new_tokens=12, beta=0.0, max_steps=1))
+    assert lengths["finished"], "no candidate of the SFT model finished within 12 tokens"
+    cap = int(min(lengths["finished"]))
+    assert cap < lengths["longest"], lengths
 
     def gradient(run, policy, rollout, advantages, counts) -> dict[str, torch.Tensor]:
         still = torch.optim.SGD(policy.parameters(), lr=0.0)  # step() changes nothing
@@ -183,7 +198,7 @@ def test_grpo_mask_truncated_leaves_cut_candidates_out_of_the_gradient(
         return real_update(run, policy, optimizer, rollout, advantages, counts)
 
     monkeypatch.setattr(stage, "policy_update", spy)
-    cfg = grpo_run(corpus, tiny_model_config_module, sft_model, "truncated", max_new_tokens=4,
+    cfg = grpo_run(corpus, tiny_model_config_module, sft_model, "truncated", max_new_tokens=cap,
                    mask_truncated=True, beta=0.0, max_steps=1)
     stage.train_grpo(cfg)
     mask, cut = grads["rollout"]
