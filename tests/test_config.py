@@ -229,3 +229,39 @@ def test_a_resumed_constant_schedule_takes_the_new_lr(tmp_path):
     cosine = TrainConfig(lr=1e-3)
     with pytest.raises(ConfigError, match=r"train.lr=0.01 under a cosine schedule"):
         use_configured_lr(optimizer, scheduler, cosine, tmp_path)
+
+
+# The decoding and SFT settings as a run saved them before speechrl.config.DECODING (its
+# <stage>_config.json, trimmed to the keys that cross stages): they load as they were, and a
+# run resuming with them unchanged says nothing.
+OLD_SFT_RECORD = {
+    "train": {"max_steps": 5, "cache_encoder_outputs": True, "llm_frozen_steps": 2,
+              "speech_ctc_weight": 0.5},
+    "grpo": {"normalizer": "basic", "max_new_tokens": 96, "tokens_per_second": 6.0},
+}
+
+
+def test_a_run_config_saved_before_the_decoding_defaults_loads_and_resumes(tmp_path, capsys):
+    from speechrl.config import DECODING, from_dict
+    from speechrl.train.resume import check_resumed_settings
+
+    old = from_dict(RunConfig, OLD_SFT_RECORD)
+    assert (old.grpo.normalizer, old.grpo.max_new_tokens, old.grpo.tokens_per_second) == (
+        "basic", 96, 6.0)
+    assert (old.train.cache_encoder_outputs, old.train.llm_frozen_steps,
+            old.train.speech_ctc_weight) == (True, 2, 0.5)
+    fresh = RunConfig()
+    assert (fresh.grpo.normalizer, fresh.grpo.max_new_tokens, fresh.grpo.tokens_per_second) == (
+        DECODING.normalizer, DECODING.max_new_tokens, DECODING.tokens_per_second) == (
+        "whisper", 128, 8.0)
+    out = tmp_path / "run"
+    (out / "last").mkdir(parents=True)
+    (out / "last" / "trainer_state.json").write_text('{"step": 5}')
+    (out / "sft_config.json").write_text(json.dumps(OLD_SFT_RECORD))
+    again = load_run_config(None, ["train.max_steps=5", "train.cache_encoder_outputs=true",
+                                   "train.llm_frozen_steps=2", "train.speech_ctc_weight=0.5",
+                                   "grpo.normalizer=basic", "grpo.max_new_tokens=96",
+                                   "grpo.tokens_per_second=6.0"])
+    assert again == old
+    check_resumed_settings(again, "sft", out)
+    assert capsys.readouterr().err == ""
