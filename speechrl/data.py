@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from speechrl.encoders import EncoderInput
 
 
-
 @dataclass
 class Item:
     index: int
@@ -294,7 +293,7 @@ def make_dataloader(
         keep = np.unique(np.linspace(0, len(utterances) - 1, max_utterances).round().astype(int))
         utterances = [utterances[i] for i in keep]
     dataset = SpeechDataset(
-        utterances, features=input_spec(features), sample_rate=cfg.sample_rate,
+        utterances, features=features, sample_rate=cfg.sample_rate,
         max_duration=cfg.max_utterance_duration, duration_tolerance=cfg.duration_tolerance,
         strict=cfg.strict, augment=cfg.augment and training, seed=seed)
     sampler = DurationBatchSampler(

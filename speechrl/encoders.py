@@ -44,7 +44,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from speechrl import audio as audio_lib
 from speechrl.config import ConfigError, EncoderConfig
 
-INPUT_KINDS = ("fbank", "whisper", "waveform")
+INPUT_KINDS = audio_lib.FEATURE_KINDS
 WAVEFORM_KINDS = ("hubert", "wavlm", "wav2vec2")
 ENCODER_KINDS = ("conformer", "whisper", *WAVEFORM_KINDS)
 CONFORMER_CONFIG_FIELDS = (
@@ -580,7 +580,6 @@ class WaveformSpeechEncoder(SpeechEncoder):
         super().__init__(layers, config.num_hidden_layers + 1)
         self.model = model
         self.output_dim = config.hidden_size
-        self.normalize = normalize
         self.input_spec = EncoderInput("waveform", sample_rate=sample_rate, normalize=normalize)
         # GroupNorm in the first convolution normalises over time, padding included: such
         # models (feat_extract_norm="group") must see each utterance alone.
@@ -604,6 +603,11 @@ class WaveformSpeechEncoder(SpeechEncoder):
         settings = json.loads(preprocessor.read_text()) if preprocessor.is_file() else {}
         return cls(model.eval(), layers, bool(settings.get("do_normalize", False)),
                    int(settings.get("sampling_rate", audio_lib.SAMPLE_RATE)))
+
+    @property
+    def normalize(self) -> bool:
+        """``input_spec.normalize``: the folder's ``do_normalize``."""
+        return self.input_spec.normalize
 
     def save_config(self, directory: str | Path) -> None:
         self.model.config.save_pretrained(str(directory))

@@ -379,7 +379,7 @@ def write_report(out_dir: str | Path,
     ``provenance`` (JSON-ready: checkpoint paths, manifests, decoding settings, skipped rows)
     is written as it is, and shown at the top of the Markdown. Each of ``findings`` is checked
     and stated with its interval and verdict (:class:`Finding`); one whose checkpoints or set
-    were not evaluated is left out with a note.
+    were not evaluated keeps its row, with the verdict "not evaluated".
     """
     from speechrl.report_markdown import render_markdown
 
