@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -195,3 +196,23 @@ def test_grpo_update_moves_the_policy_only(train_step, tmp_path):
     torch.testing.assert_close(rollout.ref_logp, rollout.old_logp)
     assert not torch.equal(policy.llm.get_input_embeddings().weight, before)
     torch.testing.assert_close(reference.llm.get_input_embeddings().weight, before)
+
+
+def test_grpo_trial_keeps_clean_rows_and_reads_the_curves(tmp_path):
+    trial = load("grpo_trial")
+    demo = tmp_path / "demo"
+    (demo / "data").mkdir(parents=True)
+    rows = [{"id": "a", "domain": "clean"}, {"id": "b", "domain": "mix_noisy"},
+            {"id": "c", "domain": "clean"}, {"id": "d", "domain": "mix_nonspeech"}]
+    (demo / "data" / "grpo_train.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows))
+    kept = trial.clean_manifest(demo)
+    assert [json.loads(line)["id"] for line in kept.read_text().splitlines()] == ["a", "c"]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "train/reward_mean": -0.5, "train/kl": 0.0, "train/zero_std_share": 0.25},
+        {"step": 2, "dev/wer": 0.2},
+        {"step": 2, "train/reward_mean": -0.25, "train/kl": 0.01, "train/zero_std_share": 0.0}]))
+    c = trial.curve(metrics, batch=16)
+    assert c["train"] == [(1, 16, -0.5, 0.0, 0.25), (2, 32, -0.25, 0.01, 0.0)]
+    assert c["dev"] == [(2, 32, 0.2)]
