@@ -38,7 +38,7 @@ import torch
 from _common import append_record, command_line, markdown_table, torch_threads
 
 from speechrl.checkpoint import load_model
-from speechrl.config import DataConfig, GRPOConfig, RunConfig, TrainConfig
+from speechrl.config import DataConfig, DecodingConfig, GRPOConfig, RunConfig, TrainConfig
 from speechrl.data import make_dataloader
 from speechrl.distributed import World
 from speechrl.generate import DecodingOptions, generate_from_speech, max_tokens_for_duration
@@ -149,9 +149,10 @@ def run(args: argparse.Namespace, argv) -> dict:
     device = torch.device("cpu")
     start = time.perf_counter()
     model = load_model(args.checkpoint, device=device)
-    grpo = resolve_algorithm(GRPOConfig(group_size=args.group, temperature=args.temperature,
-                                        max_new_tokens=args.max_new_tokens))
-    cfg = RunConfig(train=TrainConfig(precision=args.precision, device="cpu"), grpo=grpo)
+    grpo = resolve_algorithm(GRPOConfig(group_size=args.group, temperature=args.temperature))
+    decoding = DecodingConfig(max_new_tokens=args.max_new_tokens)
+    cfg = RunConfig(train=TrainConfig(precision=args.precision, device="cpu"), decoding=decoding,
+                    grpo=grpo)
     trainer = make_run(cfg, device)
     rewards_fns = {name: build_reward(name) for name in args.reward.split(",")}
     main_reward = next(iter(rewards_fns.values()))
@@ -199,12 +200,12 @@ def run(args: argparse.Namespace, argv) -> dict:
             G = rollout.rewards.shape[1]
             sampled_wers += rollout.wers.flatten().tolist()
             speech, lengths = model.encode_speech(batch.inputs, batch.input_lengths)
-            caps = max_tokens_for_duration(batch.durations, grpo.tokens_per_second,
-                                           floor=min(8, grpo.max_new_tokens),
-                                           cap=grpo.max_new_tokens)
+            caps = max_tokens_for_duration(batch.durations, decoding.tokens_per_second,
+                                           floor=min(8, decoding.max_new_tokens),
+                                           cap=decoding.max_new_tokens)
+            options = DecodingOptions(max_new_tokens=decoding.max_new_tokens)
             with autocast(device, args.precision):
-                greedy = generate_from_speech(model, speech, lengths,
-                                              DecodingOptions(max_new_tokens=grpo.max_new_tokens),
+                greedy = generate_from_speech(model, speech, lengths, options,
                                               max_new_tokens=caps)
             norm = main_reward.normalize
             greedy_refs += norm(list(batch.texts), list(batch.languages))

@@ -80,7 +80,7 @@ from _common import (
     torch_threads,
 )
 
-from speechrl.config import GRPOConfig, RunConfig, TrainConfig
+from speechrl.config import DecodingConfig, GRPOConfig, RunConfig, TrainConfig
 from speechrl.distributed import World
 from speechrl.model import DTYPES, SpeechLLM
 from speechrl.runtime import MetricsLogger
@@ -105,10 +105,11 @@ def make_run(device: torch.device, dtype: str, group: int, new_tokens: int,
              output_dir: Path, shared: bool = True) -> Run:
     """The trainer's view of a GRPO run: preset grpo, two iterations (old log-probs kept)."""
     grpo = resolve_algorithm(GRPOConfig(algorithm="grpo", group_size=group, num_iterations=2,
-                                        max_new_tokens=new_tokens, shared_prompt=shared))
+                                        shared_prompt=shared))
     train = TrainConfig(precision="bf16" if dtype == "bfloat16" else "fp32", lr=1e-6,
                         grad_clip=1.0, device=str(device))
-    return Run(cfg=RunConfig(train=train, grpo=grpo), stage="grpo", output_dir=output_dir,
+    cfg = RunConfig(train=train, decoding=DecodingConfig(max_new_tokens=new_tokens), grpo=grpo)
+    return Run(cfg=cfg, stage="grpo", output_dir=output_dir,
                device=device, logger=MetricsLogger(output_dir, enabled=False),
                world=World(device=device))
 

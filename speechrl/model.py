@@ -370,7 +370,7 @@ class SpeechLLM(nn.Module):
         frozen encoder's cached output); the encoder is then skipped and ``inputs`` unused.
         ``with_speech_ctc``: also return each speech token read through the LLM's input
         embeddings, logits (B, N, V) = speech @ E^T, and the speech lengths (B,), for
-        :func:`speechrl.losses.speech_ctc_loss` (``train.speech_ctc_weight``).
+        :func:`speechrl.losses.speech_ctc_loss` (``sft.speech_ctc_weight``).
         """
         if frames is None:
             speech, speech_lengths = self.encode_speech(inputs, lengths)

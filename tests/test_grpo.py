@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from test_train import run_config, write_tone_corpus
 
-from speechrl.config import GRPOConfig
+from speechrl.config import DECODING, DecodingConfig, GRPOConfig
 from speechrl.train import grpo as grpo_stage
 from speechrl.train.grpo import Rollout, build_reward_fn, collect_rollouts, resolve_algorithm
 
@@ -176,10 +176,12 @@ def mean_change(before: np.ndarray, after: np.ndarray):
     return paired_bootstrap(before, after, np.ones_like(before))[0]
 
 
-def grpo_config(root: Path, corpus, model_cfg, sft: Path, name: str, **grpo):
+def grpo_config(root: Path, corpus, model_cfg, sft: Path, name: str,
+                tokens_per_second: float = DECODING.tokens_per_second, **grpo):
     cfg = run_config(root / name, corpus, model_cfg, init=str(sft), lr=1e-3, batch_size=8,
                      max_steps=grpo.pop("max_steps", 100), eval_every=1000, save_every=1000)
-    return dataclasses.replace(cfg, grpo=GRPOConfig(group_size=8, max_new_tokens=16, **grpo))
+    decoding = DecodingConfig(max_new_tokens=16, tokens_per_second=tokens_per_second)
+    return dataclasses.replace(cfg, grpo=GRPOConfig(group_size=8, **grpo), decoding=decoding)
 
 
 @pytest.fixture(scope="module")
@@ -252,8 +254,8 @@ def test_shuffled_rewards_teach_clearly_less(learning):
     end significantly above the control."""
     run, sampled, before = learning.run, learning.sampled, learning.before
     real = sampled(run("grpo", algorithm="grpo"))
-    control = sampled(run("control", reward_fn=lambda grpo: rolled_references(
-        build_reward_fn(grpo), grpo.group_size), algorithm="grpo"))
+    control = sampled(run("control", reward_fn=lambda grpo, decoding: rolled_references(
+        build_reward_fn(grpo, decoding), grpo.group_size), algorithm="grpo"))
     report("control (rolled references) expected -WER", before["wer"], control)
     line = report("real run against the control", control, real)
     assert mean_change(control, real).low > 0, line

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from test_train import run_config, write_tone_corpus
 
-from speechrl.config import GRPOConfig, LoraConfig, RunConfig
+from speechrl.config import DecodingConfig, GRPOConfig, LoraConfig, RunConfig
 
 SFT_STEPS = 300
 
@@ -48,9 +48,9 @@ def grpo_run(corpus, model_cfg, init: Path, name: str, **grpo) -> RunConfig:
     train = dict(max_steps=grpo.pop("max_steps", 2), lr=grpo.pop("lr", 1e-3), batch_size=4)
     cfg = run_config(corpus["root"] / name, corpus, model_cfg, init=str(init), warmup_steps=0,
                      eval_every=10_000, save_every=10_000, **train)
+    decoding = DecodingConfig(max_new_tokens=grpo.pop("max_new_tokens", 12))
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dev=()),
-                               grpo=GRPOConfig(**{"group_size": 4, "max_new_tokens": 12,
-                                                  **grpo}))
+                               decoding=decoding, grpo=GRPOConfig(**{"group_size": 4, **grpo}))
 
 
 def logged(folder: Path) -> list[dict]:

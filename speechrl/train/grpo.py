@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from speechrl import distributed
-from speechrl.config import GRPOConfig, RunConfig, check_stage
+from speechrl.config import DecodingConfig, GRPOConfig, RunConfig, check_stage
 from speechrl.losses import PRESETS, group_advantages, informative_groups, policy_loss
 from speechrl.runtime import autocast, progress, say
 from speechrl.train.common import (
@@ -66,7 +66,13 @@ from speechrl.train.resume import (
     prepare_model,
     save_training_checkpoint,
 )
-from speechrl.train.speech import dev_evaluation, keep_if_best, load_or_build_model, speech_loaders
+from speechrl.train.speech import (
+    decoding_caps,
+    dev_evaluation,
+    keep_if_best,
+    load_or_build_model,
+    speech_loaders,
+)
 from speechrl.train.stopping import stop_if_needed, stop_on_signals
 
 
@@ -141,7 +147,7 @@ def train_grpo(cfg: RunConfig) -> Path:
     scheduler = build_scheduler(optimizer, cfg.train)
     state = maybe_resume(run, policy, optimizer, scheduler)
     batches = endless_batches(train_loader, state)
-    reward_fn = build_reward_fn(grpo)
+    reward_fn = build_reward_fn(grpo, cfg.decoding)
 
     bar = progress(cfg.train.max_steps, state.step, f"grpo ({grpo.algorithm})")
     with bar, stop_on_signals() as stop:  # the bar closes also when a stopped run raises
@@ -162,7 +168,8 @@ def train_grpo(cfg: RunConfig) -> Path:
                                 wer=f"{stats['sample_wer']:.3f}")
             end = state.step == cfg.train.max_steps
             if dev_loader is not None and (state.step % cfg.train.eval_every == 0 or end):
-                dev = dev_evaluation(policy, dev_loader, run, grpo.normalizer)
+                dev = dev_evaluation(policy, dev_loader, cfg.decoding, device=run.device,
+                                     precision=cfg.train.precision)
                 keep_if_best(run, policy, state, dev)
             if state.step % cfg.train.save_every == 0 or end:
                 save_training_checkpoint(run, policy, optimizer, scheduler, state)
@@ -188,10 +195,10 @@ def shared_prompt_choice(cfg: RunConfig, model, run: Run) -> bool:
     return True
 
 
-def build_reward_fn(grpo: GRPOConfig):
+def build_reward_fn(grpo: GRPOConfig, decoding: DecodingConfig):
     from speechrl.rewards import build_reward
 
-    return build_reward(grpo.reward, normalizer=grpo.normalizer)
+    return build_reward(grpo.reward, normalizer=decoding.normalizer)
 
 
 def grpo_step(run: Run, policy, reference, optimizer, batches, reward_fn, step_seed: int,
@@ -336,8 +343,7 @@ def sample_groups(run: Run, policy, batch, reward_fn, step_seed: int | None,
         top_k=grpo.top_k,
         min_p=grpo.min_p,
         num_beams=grpo.num_beams or G,
-        max_new_tokens=grpo.max_new_tokens,
-        tokens_per_second=grpo.tokens_per_second,  # generate caps new tokens by duration
+        **decoding_caps(run.cfg.decoding),  # generate caps new tokens by duration
     )
     policy.eval()
     generators = None if step_seed is None else audio_generators(step_seed, list(batch.ids))
@@ -506,7 +512,7 @@ def policy_update(run: Run, policy, optimizer, rollout: Rollout, advantages: tor
     logp = log_probs.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)  # (B*G, T)
     logp = logp.masked_fill(~rollout.mask, 0.0)
     old_logp = rollout.old_logp if rollout.old_logp is not None else logp.detach()
-    norm_len = grpo.max_new_tokens if grpo.agg == "seq_mean_token_sum_norm" else None
+    norm_len = run.cfg.decoding.max_new_tokens if grpo.agg == "seq_mean_token_sum_norm" else None
     loss, stats = policy_loss(
         logp, old_logp, advantages, rollout.mask,
         ref_logp=rollout.ref_logp, beta=grpo.beta, eps_low=grpo.eps_low,

@@ -57,7 +57,7 @@ def train_sft(cfg: RunConfig) -> Path:
     scheduler = build_scheduler(optimizer, cfg.train)
     state = maybe_resume(run, model, optimizer, scheduler)
     batches = endless_batches(train_loader, state)
-    cache = EncoderOutputCache(model, cfg) if cfg.train.cache_encoder_outputs else None
+    cache = EncoderOutputCache(model, cfg) if cfg.sft.cache_encoder_outputs else None
 
     bar = progress(cfg.train.max_steps, state.step, "sft")
     with bar, stop_on_signals() as stop:  # the bar closes also when a stopped run raises
@@ -72,7 +72,8 @@ def train_sft(cfg: RunConfig) -> Path:
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}")
             end = state.step == cfg.train.max_steps
             if dev_loader is not None and (state.step % cfg.train.eval_every == 0 or end):
-                dev = dev_evaluation(model, dev_loader, run, cfg.grpo.normalizer)
+                dev = dev_evaluation(model, dev_loader, cfg.decoding, device=run.device,
+                                     precision=cfg.train.precision)
                 keep_if_best(run, model, state, dev)
             if state.step % cfg.train.save_every == 0 or end:
                 save_training_checkpoint(run, model, optimizer, scheduler, state)
@@ -89,12 +90,12 @@ def sft_step(run: Run, model, optimizer, batches, state: TrainerState,
     them all (each rank's and each micro-batch's token sum over the tokens of the whole step);
     None when the step was skipped as non-finite (counted; the run stops after
     ``max_nonfinite_steps`` in a row). ``cache`` supplies the frozen encoder's frames when
-    ``train.cache_encoder_outputs`` is on."""
+    ``sft.cache_encoder_outputs`` is on."""
     cfg = run.cfg.train
     tokenizer = distributed.unwrap(model).tokenizer
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    ctc_weight = cfg.speech_ctc_weight
+    ctc_weight = run.cfg.sft.speech_ctc_weight
     total_loss, total_ctc = 0.0, 0.0
     # The step's tokens, in all grad_accum micro-batches over all ranks, normalise every
     # micro-batch's sum (eq. 2 over the step's whole batch): the gradient is that of one batch
@@ -121,7 +122,7 @@ def sft_step(run: Run, model, optimizer, batches, state: TrainerState,
         total_loss += loss.item()
     # Each rank's loss is its share of the global mean: their sum is the batch's loss.
     total_loss, total_ctc = distributed.all_reduce_sum([total_loss, total_ctc])
-    if state.step < cfg.llm_frozen_steps:
+    if state.step < run.cfg.sft.llm_frozen_steps:
         # Dropped after the backward (not requires_grad=False), so DDP's hooks stay as built;
         # AdamW leaves parameters without a gradient untouched, weight decay included.
         for p in distributed.unwrap(model).llm.parameters():
