@@ -48,7 +48,7 @@ from speechrl.model import token_logprobs
 from speechrl.rewards import build_reward
 from speechrl.runtime import MetricsLogger, autocast
 from speechrl.train.common import Run
-from speechrl.train.grpo import Rollout, resolve_algorithm, sample_groups
+from speechrl.train.grpo import Rollout, StepSettings, resolve_algorithm, sample_groups
 
 HEADERS = ("reward", "mean", "within-group var %", "all-equal groups %", "distinct / group",
            "|G|^2", "tr(S)", "B_noise", "SNR at B", "cos(halves)")
@@ -154,12 +154,13 @@ def run(args: argparse.Namespace, argv) -> dict:
     cfg = RunConfig(train=TrainConfig(precision=args.precision, device="cpu"), decoding=decoding,
                     grpo=grpo)
     trainer = make_run(cfg, device)
+    settings = StepSettings.of(cfg, device)
     rewards_fns = {name: build_reward(name) for name in args.reward.split(",")}
     main_reward = next(iter(rewards_fns.values()))
     rollouts = []
     for i, batch in enumerate(draw_batches(args.data, args.audios, args.seed, model,
                                            args.batch)):
-        rollout = sample_groups(trainer, model, batch, main_reward, args.seed * 1000 + i,
+        rollout = sample_groups(settings, model, batch, main_reward, args.seed * 1000 + i,
                                 _Timer())
         rollouts.append((rollout, batch))
     greedy_refs, greedy_hyps, sampled_wers = [], [], []

@@ -87,6 +87,7 @@ from speechrl.runtime import MetricsLogger
 from speechrl.train.common import Run
 from speechrl.train.grpo import (
     Rollout,
+    StepSettings,
     candidate_logprobs,
     loss_counts,
     policy_update,
@@ -144,16 +145,18 @@ def grpo_update(run: Run, policy: SpeechLLM, reference: SpeechLLM,
     """One update as grpo_step makes it after the rollout; returns each phase's seconds and
     the peak memory (GiB) of the log-prob passes and of the update above their start."""
     device = run.device
+    settings = StepSettings.of(run.cfg, device)
     marks = [_now(device)]
     base = _phase_start(device)
-    rollout.ref_logp = candidate_logprobs(run, reference, rollout)
+    rollout.ref_logp = candidate_logprobs(settings, reference, rollout)
     marks.append(_now(device))
-    rollout.old_logp = candidate_logprobs(run, policy, rollout)
+    rollout.old_logp = candidate_logprobs(settings, policy, rollout)
     marks.append(_now(device))
     logprob_peak = peak_memory_gib(device) - base
     base = _phase_start(device)
-    advantages = step_advantages(rollout.rewards, run.cfg.grpo.scale).flatten()
-    stats = policy_update(run, policy, optimizer, rollout, advantages, loss_counts(rollout.mask))
+    advantages = step_advantages(rollout.rewards, settings.grpo.scale).flatten()
+    stats = policy_update(settings, policy, optimizer, rollout, advantages,
+                          loss_counts(rollout.mask))
     marks.append(_now(device))
     update_peak = peak_memory_gib(device) - base
     if stats is None:

@@ -177,17 +177,17 @@ def test_grpo_update_gradients_equal_with_and_without_the_shared_prompt(
     shared_flags: list[bool] = []
     real_update = stage.policy_update
 
-    def spy_update(run, policy, optimizer, rollout, advantages, counts):
-        shared_flags.append(run.cfg.grpo.shared_prompt)
+    def spy_update(settings, policy, optimizer, rollout, advantages, counts):
+        shared_flags.append(settings.grpo.shared_prompt)
         original_step = optimizer.step
 
         def record_then_step(*a, **k):
-            grads.setdefault(run.cfg.grpo.shared_prompt, {
+            grads.setdefault(settings.grpo.shared_prompt, {
                 n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None})
             return original_step(*a, **k)
 
         optimizer.step = record_then_step
-        return real_update(run, policy, optimizer, rollout, advantages, counts)
+        return real_update(settings, policy, optimizer, rollout, advantages, counts)
 
     monkeypatch.setattr(stage, "policy_update", spy_update)
     for shared in (False, True):

@@ -89,6 +89,24 @@ def resolve_algorithm(cfg: GRPOConfig) -> GRPOConfig:
     return dataclasses.replace(cfg, **filled)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """What a GRPO step reads of its run: the algorithm with every switch resolved
+    (:func:`resolve_algorithm`), how candidates are decoded and scored, and where and in what
+    precision it computes."""
+
+    grpo: GRPOConfig
+    decoding: DecodingConfig
+    device: torch.device
+    precision: str = "fp32"
+    grad_clip: float = 1.0
+
+    @classmethod
+    def of(cls, cfg: RunConfig, device: torch.device) -> StepSettings:
+        return cls(resolve_algorithm(cfg.grpo), cfg.decoding, device, cfg.train.precision,
+                   cfg.train.grad_clip)
+
+
 @dataclasses.dataclass
 class Rollout:
     """G candidates for each of B audios, flattened audio-major: row b*G + g."""
@@ -131,15 +149,17 @@ def train_grpo(cfg: RunConfig) -> Path:
     cfg = dataclasses.replace(cfg, grpo=grpo)
     run = start_run(cfg, "grpo")
     plain = load_or_build_model(cfg, run.device)
+    sharded = run.world.is_distributed and cfg.train.parallel == "fsdp2"
     reference = None
     if grpo.beta > 0:  # with beta = 0 the reference model is not even loaded
         reference = load_or_build_model(cfg, run.device).eval().requires_grad_(False)
-        if run.world.is_distributed and cfg.train.parallel == "fsdp2":
+        if sharded:
             reference = distributed.shard_model(reference)
-    shared = shared_prompt_choice(cfg, plain, run)
+    shared = shared_prompt_choice(grpo.shared_prompt, plain, sharded)
     if shared != grpo.shared_prompt:
         cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(grpo, shared_prompt=shared))
         grpo, run.cfg = cfg.grpo, cfg
+    settings = StepSettings.of(cfg, run.device)
     train_loader, dev_loader = speech_loaders(cfg, plain, run.world.rank, run.world.world_size)
     track_skips(run, train=train_loader, dev=dev_loader)  # skips.json even on an early stop
     policy = prepare_model(run, plain)  # resumed weights, then DDP / FSDP2 wrapping
@@ -155,8 +175,8 @@ def train_grpo(cfg: RunConfig) -> Path:
             # Sampling seeds derive from the seed and the step (and each audio's id), which keeps
             # a resumed run exact without saving any generator.
             step_seed = cfg.train.seed * 1_000_003 + state.step
-            stats = grpo_step(run, policy, reference, optimizer, batches, reward_fn, step_seed,
-                              state)
+            stats = grpo_step(run, settings, policy, reference, optimizer, batches, reward_fn,
+                              step_seed, state)
             scheduler.step()
             state.step += 1
             bar.update(1)
@@ -180,14 +200,15 @@ def train_grpo(cfg: RunConfig) -> Path:
     return run.best_dir if run.best_dir.exists() else run.last_dir
 
 
-def shared_prompt_choice(cfg: RunConfig, model, run: Run) -> bool:
+def shared_prompt_choice(requested: bool, model, sharded: bool) -> bool:
     """Whether the log-prob passes and the update run each audio's prompt once for its G
-    candidates (``grpo.shared_prompt``, exact up to rounding), or once per candidate: the
-    fallback, said once, for a model or set-up the shared pass is not checked with."""
-    if not cfg.grpo.shared_prompt:
+    candidates (``requested``: ``grpo.shared_prompt``, exact up to rounding), or once per
+    candidate: the fallback, said once, for a model or set-up (``sharded``: FSDP2 over several
+    ranks) the shared pass is not checked with."""
+    if not requested:
         return False
     why = model.shared_prompt_unsupported()
-    if why is None and run.world.is_distributed and cfg.train.parallel == "fsdp2":
+    if why is None and sharded:
         why = "FSDP2 sharding"
     if why is not None:
         say(f"grpo: {why}: the prompt runs once per candidate (grpo.shared_prompt off)")
@@ -201,25 +222,27 @@ def build_reward_fn(grpo: GRPOConfig, decoding: DecodingConfig):
     return build_reward(grpo.reward, normalizer=decoding.normalizer)
 
 
-def grpo_step(run: Run, policy, reference, optimizer, batches, reward_fn, step_seed: int,
-              state: TrainerState) -> dict | None:
-    grpo = run.cfg.grpo
+def grpo_step(run: Run, settings: StepSettings, policy, reference, optimizer, batches, reward_fn,
+              step_seed: int, state: TrainerState) -> dict | None:
+    """Rollout, log-prob passes and ``num_iterations`` updates; the stats to log, or None when
+    an update was skipped as non-finite (counted in ``state``)."""
+    grpo = settings.grpo
     timer = StepTimer()
     with timer("rollout_s"), distributed.full_parameters(policy) as plain:
-        rollout, rollout_stats = collect_rollouts(run, plain, batches, reward_fn, step_seed,
-                                                  timer)
+        rollout, rollout_stats = collect_rollouts(settings, plain, batches, reward_fn,
+                                                  step_seed, timer)
     with timer("logprob_s"):
         if reference is not None:
-            rollout.ref_logp = candidate_logprobs(run, reference, rollout)
+            rollout.ref_logp = candidate_logprobs(settings, reference, rollout)
         if grpo.num_iterations > 1:
-            rollout.old_logp = candidate_logprobs(run, policy, rollout)
+            rollout.old_logp = candidate_logprobs(settings, policy, rollout)
     advantages = step_advantages(rollout.rewards, grpo.scale).flatten()  # (B*G,)
     counts = loss_counts(rollout.mask)
 
     stats: dict[str, float] = {}
     with timer("update_s"):
         for _ in range(grpo.num_iterations):
-            update = policy_update(run, policy, optimizer, rollout, advantages, counts)
+            update = policy_update(settings, policy, optimizer, rollout, advantages, counts)
             if update is None:
                 skip_nonfinite(run, state, optimizer)
                 return None
@@ -236,21 +259,21 @@ def grpo_step(run: Run, policy, reference, optimizer, batches, reward_fn, step_s
 
 
 @torch.no_grad()
-def collect_rollouts(run: Run, policy, batches, reward_fn, step_seed: int | None,
-                     timer) -> tuple[Rollout, dict]:
+def collect_rollouts(settings: StepSettings, policy, batches, reward_fn, step_seed: int | None,
+                     timer: StepTimer) -> tuple[Rollout, dict]:
     """Sample and score groups; DAPO's dynamic sampling drops groups whose rewards are all equal
     (they carry no advantage) and draws more audios, at most ``max_refill_rounds`` times, until
     the ranks together hold as many informative audios as they drew at first."""
-    grpo = run.cfg.grpo
+    grpo = settings.grpo
     parts: list[Rollout] = []
     kept = drawn = zero_std = 0
     target = global_target = None
     for _ in range(1 + (grpo.max_refill_rounds if grpo.dynamic_sampling else 0)):
-        batch = next(batches).to(run.device)
+        batch = next(batches).to(settings.device)
         if target is None:
             target = len(batch.texts)
             global_target = distributed.all_reduce_sum([target])[0]
-        part = sample_groups(run, policy, batch, reward_fn, step_seed, timer)
+        part = sample_groups(settings, policy, batch, reward_fn, step_seed, timer)
         informative = informative_groups(part.rewards)
         drawn += part.num_audios
         zero_std += int((~informative).sum())
@@ -267,7 +290,7 @@ def collect_rollouts(run: Run, policy, batches, reward_fn, step_seed: int | None
     standin = False
     if rollout.num_audios == 0:  # every group was uninformative: the update is a no-op
         rollout = parts[-1] if parts[-1].num_audios else sample_groups(
-            run, policy, next(batches).to(run.device), reward_fn, step_seed, timer)
+            settings, policy, next(batches).to(settings.device), reward_fn, step_seed, timer)
         # When other ranks hold informative groups, this rank's stand-in adds nothing to the
         # loss, its normalisers or the figures (it still runs the update: the ranks' gradient
         # all-reduce needs every rank).
@@ -328,12 +351,14 @@ def audio_generators(step_seed: int, ids: list[str]) -> list[torch.Generator]:
     return generators
 
 
-def sample_groups(run: Run, policy, batch, reward_fn, step_seed: int | None,
-                  timer) -> Rollout:
+def sample_groups(settings: StepSettings, policy, batch, reward_fn, step_seed: int | None,
+                  timer: StepTimer) -> Rollout:
+    """G candidates for each audio of ``batch``, scored by ``reward_fn``; sampled with each
+    audio's own generator (:func:`audio_generators`) unless ``step_seed`` is None."""
     from speechrl.generate import DecodingOptions, generate_from_speech
     from speechrl.metrics import error_counts
 
-    grpo = run.cfg.grpo
+    grpo, device = settings.grpo, settings.device
     G = grpo.group_size
     options = DecodingOptions(
         strategy=grpo.strategy,
@@ -343,12 +368,12 @@ def sample_groups(run: Run, policy, batch, reward_fn, step_seed: int | None,
         top_k=grpo.top_k,
         min_p=grpo.min_p,
         num_beams=grpo.num_beams or G,
-        **decoding_caps(run.cfg.decoding),  # generate caps new tokens by duration
+        **decoding_caps(settings.decoding),  # generate caps new tokens by duration
     )
     policy.eval()
     generators = None if step_seed is None else audio_generators(step_seed, list(batch.ids))
     frozen = not any(p.requires_grad for p in policy.encoder.parameters())
-    with autocast(run.device, run.cfg.train.precision):
+    with autocast(device, settings.precision):
         # A frozen encoder runs once per step: its frames serve the rollout here and every
         # log-prob pass and update after it.
         frames, frame_lengths = policy.encoder(batch.inputs.to(policy.device),
@@ -363,23 +388,23 @@ def sample_groups(run: Run, policy, batch, reward_fn, step_seed: int | None,
         per_utt, _ = error_counts(reward_fn.normalize(refs, langs),
                                   reward_fn.normalize(result.texts, langs))
         wers = torch.tensor([c.wer for c in per_utt], dtype=torch.float32)
-    tokens, mask = pad_candidates(result.tokens, policy.tokenizer.pad_id, run.device)
+    tokens, mask = pad_candidates(result.tokens, policy.tokenizer.pad_id, device)
     if grpo.mask_truncated:
-        mask &= result.finished.to(run.device).unsqueeze(1)
+        mask &= result.finished.to(device).unsqueeze(1)
     B = len(batch.texts)
     return Rollout(
         speech_inputs=batch.inputs,
         input_lengths=batch.input_lengths,
         frames=frames.float() if frozen else None,
         frame_lengths=frame_lengths if frozen else None,
-        sample_logp=_pad_width(result.logprobs.to(run.device), tokens.shape[1]),
+        sample_logp=_pad_width(result.logprobs.to(device), tokens.shape[1]),
         refs=list(batch.texts),
         languages=list(batch.languages),
         tokens=tokens,
         mask=mask,
         texts=list(result.texts),
-        finished=result.finished.to(run.device),
-        rewards=rewards.view(B, G).to(run.device),
+        finished=result.finished.to(device),
+        rewards=rewards.view(B, G).to(device),
         wers=wers.view(B, G),
     )
 
@@ -481,7 +506,7 @@ def loss_counts(mask: torch.Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def candidate_logprobs(run: Run, model, rollout: Rollout) -> torch.Tensor:
+def candidate_logprobs(settings: StepSettings, model, rollout: Rollout) -> torch.Tensor:
     """Per-token log-probs (B*G, T) of every candidate under ``model`` (reference or old
     policy, possibly wrapped)."""
     from speechrl.model import token_logprobs
@@ -489,30 +514,30 @@ def candidate_logprobs(run: Run, model, rollout: Rollout) -> torch.Tensor:
     G = rollout.rewards.shape[1]
     was_training = model.training
     model.eval()
-    with autocast(run.device, run.cfg.train.precision):
+    with autocast(settings.device, settings.precision):
         logits = model(**rollout.model_inputs(), group_size=G,
-                       shared_prompt=run.cfg.grpo.shared_prompt)
+                       shared_prompt=settings.grpo.shared_prompt)
     model.train(was_training)
     return token_logprobs(logits, rollout.tokens, rollout.mask).float()
 
 
-def policy_update(run: Run, policy, optimizer, rollout: Rollout, advantages: torch.Tensor,
-                  counts: tuple[float, float]):
+def policy_update(settings: StepSettings, policy, optimizer, rollout: Rollout,
+                  advantages: torch.Tensor, counts: tuple[float, float]) -> dict | None:
     """One optimizer step on the whole rollout batch (eq. 3). ``counts``: (tokens, sequences)
     over all ranks, from :func:`loss_counts`. Returns stats, or None when the loss or the
     gradient is not finite (on any rank: all ranks then skip together)."""
-    grpo = run.cfg.grpo
+    grpo = settings.grpo
     G = grpo.group_size
     policy.train()
     optimizer.zero_grad(set_to_none=True)
-    with autocast(run.device, run.cfg.train.precision):
+    with autocast(settings.device, settings.precision):
         logits = policy(**rollout.model_inputs(), group_size=G, shared_prompt=grpo.shared_prompt)
     logits = logits.float()
     log_probs = torch.log_softmax(logits, dim=-1)
     logp = log_probs.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)  # (B*G, T)
     logp = logp.masked_fill(~rollout.mask, 0.0)
     old_logp = rollout.old_logp if rollout.old_logp is not None else logp.detach()
-    norm_len = run.cfg.decoding.max_new_tokens if grpo.agg == "seq_mean_token_sum_norm" else None
+    norm_len = settings.decoding.max_new_tokens if grpo.agg == "seq_mean_token_sum_norm" else None
     loss, stats = policy_loss(
         logp, old_logp, advantages, rollout.mask,
         ref_logp=rollout.ref_logp, beta=grpo.beta, eps_low=grpo.eps_low,
@@ -523,7 +548,7 @@ def policy_update(run: Run, policy, optimizer, rollout: Rollout, advantages: tor
         return None
     # DDP and FSDP2 average gradients over ranks; each rank's loss is its share of the sum.
     (loss * distributed.world_size()).backward()
-    grad_norm, finite = clip_and_check(policy, run.cfg.train.grad_clip)
+    grad_norm, finite = clip_and_check(policy, settings.grad_clip)
     if not finite:
         return None
     optimizer.step()
