@@ -90,7 +90,7 @@ def group_gradient(run: Run, model, rollout: Rollout, b: int, reward: torch.Tens
     model.zero_grad(set_to_none=True)
     with autocast(run.device, run.cfg.train.precision):
         logits = model(rollout.speech_inputs[b : b + 1], rollout.input_lengths[b : b + 1],
-                       tokens, mask, group_size=G, frames=frames, shared_prompt=True)
+                       tokens, mask, group_size=G, frames=frames, shared_prompt=True).logits
     logp = token_logprobs(logits.float(), tokens, mask)
     adv = group_advantages(reward[None], scale=run.cfg.grpo.scale).flatten()
     loss, _ = policy_loss(logp, logp.detach(), adv, mask, agg=run.cfg.grpo.agg)
@@ -119,7 +119,7 @@ def logprob_agreement(run: Run, model, rollout: Rollout, decoded_logp: torch.Ten
     """|rollout log-prob - teacher-forced log-prob| over the candidates' tokens."""
     G = rollout.rewards.shape[1]
     with torch.no_grad(), autocast(run.device, run.cfg.train.precision):
-        logits = model(**rollout.model_inputs(), group_size=G, shared_prompt=True)
+        logits = model(**rollout.model_inputs(), group_size=G, shared_prompt=True).logits
     forced = token_logprobs(logits.float(), rollout.tokens, rollout.mask)
     width = min(forced.shape[1], decoded_logp.shape[1])
     diff = (forced[:, :width] - decoded_logp[:, :width].to(forced)).abs()[rollout.mask[:, :width]]

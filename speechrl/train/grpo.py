@@ -516,7 +516,7 @@ def candidate_logprobs(settings: StepSettings, model, rollout: Rollout) -> torch
     model.eval()
     with autocast(settings.device, settings.precision):
         logits = model(**rollout.model_inputs(), group_size=G,
-                       shared_prompt=settings.grpo.shared_prompt)
+                       shared_prompt=settings.grpo.shared_prompt).logits
     model.train(was_training)
     return token_logprobs(logits, rollout.tokens, rollout.mask).float()
 
@@ -531,7 +531,8 @@ def policy_update(settings: StepSettings, policy, optimizer, rollout: Rollout,
     policy.train()
     optimizer.zero_grad(set_to_none=True)
     with autocast(settings.device, settings.precision):
-        logits = policy(**rollout.model_inputs(), group_size=G, shared_prompt=grpo.shared_prompt)
+        logits = policy(**rollout.model_inputs(), group_size=G,
+                        shared_prompt=grpo.shared_prompt).logits
     logits = logits.float()
     log_probs = torch.log_softmax(logits, dim=-1)
     logp = log_probs.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)  # (B*G, T)

@@ -110,12 +110,12 @@ def sft_step(run: Run, model, optimizer, batches, state: TrainerState,
                 frames = cache(model, batch) if cache is not None else None
                 out = model(batch.inputs, batch.input_lengths, targets, mask, frames=frames,
                             with_speech_ctc=ctc_weight > 0)
-            logits, ctc_logits, speech_lengths = out if ctc_weight > 0 else (out, None, None)
-            loss = sft_loss(logits.float(), targets, mask, num_tokens=max(tokens, 1))
+            loss = sft_loss(out.logits.float(), targets, mask, num_tokens=max(tokens, 1))
             objective = loss
             if ctc_weight > 0:  # the transcript without its <EOS>, against the speech tokens
-                ctc = speech_ctc_loss(ctc_logits, speech_lengths, targets, mask.sum(1) - 1,
-                                      blank=tokenizer.pad_id, num_tokens=max(tokens, 1))
+                ctc = speech_ctc_loss(out.speech_ctc_logits, out.speech_lengths, targets,
+                                      mask.sum(1) - 1, blank=tokenizer.pad_id,
+                                      num_tokens=max(tokens, 1))
                 objective = loss + ctc_weight * ctc
                 total_ctc += ctc.item()
             (objective * distributed.world_size()).backward()
