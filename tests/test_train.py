@@ -453,7 +453,9 @@ def test_accumulated_micro_batches_give_the_whole_batch_gradient(tone_corpus, ti
         train = dataclasses.replace(cfg.train, grad_accum=grad_accum)
         run = SimpleNamespace(cfg=dataclasses.replace(cfg, train=train),
                               device=torch.device("cpu"))
-        stats = sft_step(run, model, RecordingOptimizer(), iter(loader), TrainerState())
+        no_schedule = SimpleNamespace(step=lambda: None)
+        stats = sft_step(run, model, RecordingOptimizer(), no_schedule, iter(loader),
+                         TrainerState())
         return stats, grads, list(loader)
 
     # The 8 dev utterances in evaluation order (longest first, no shuffling): one batch of 8,

@@ -53,13 +53,13 @@ from speechrl.losses import PRESETS, group_advantages, informative_groups, polic
 from speechrl.runtime import autocast, progress, say
 from speechrl.train.common import (
     Run,
+    end_step,
     endless_batches,
     report_skips,
-    skip_nonfinite,
     start_run,
     track_skips,
 )
-from speechrl.train.optim import build_optimizer, build_scheduler, clip_and_check
+from speechrl.train.optim import build_optimizer, build_scheduler, clipped_step
 from speechrl.train.resume import (
     TrainerState,
     maybe_resume,
@@ -175,10 +175,8 @@ def train_grpo(cfg: RunConfig) -> Path:
             # Sampling seeds derive from the seed and the step (and each audio's id), which keeps
             # a resumed run exact without saving any generator.
             step_seed = cfg.train.seed * 1_000_003 + state.step
-            stats = grpo_step(run, settings, policy, reference, optimizer, batches, reward_fn,
-                              step_seed, state)
-            scheduler.step()
-            state.step += 1
+            stats = grpo_step(run, settings, policy, reference, optimizer, scheduler, batches,
+                              reward_fn, step_seed, state)
             bar.update(1)
             if stats is not None:
                 stats["lr"] = scheduler.get_last_lr()[0]
@@ -222,10 +220,10 @@ def build_reward_fn(grpo: GRPOConfig, decoding: DecodingConfig):
     return build_reward(grpo.reward, normalizer=decoding.normalizer)
 
 
-def grpo_step(run: Run, settings: StepSettings, policy, reference, optimizer, batches, reward_fn,
-              step_seed: int, state: TrainerState) -> dict | None:
-    """Rollout, log-prob passes and ``num_iterations`` updates; the stats to log, or None when
-    an update was skipped as non-finite (counted in ``state``)."""
+def grpo_step(run: Run, settings: StepSettings, policy, reference, optimizer, scheduler, batches,
+              reward_fn, step_seed: int, state: TrainerState) -> dict | None:
+    """Rollout, log-prob passes, ``num_iterations`` updates and the schedule's step; the stats
+    to log, or None when an update was skipped as non-finite (counted in ``state``)."""
     grpo = settings.grpo
     timer = StepTimer()
     with timer("rollout_s"), distributed.full_parameters(policy) as plain:
@@ -244,10 +242,10 @@ def grpo_step(run: Run, settings: StepSettings, policy, reference, optimizer, ba
         for _ in range(grpo.num_iterations):
             update = policy_update(settings, policy, optimizer, rollout, advantages, counts)
             if update is None:
-                skip_nonfinite(run, state, optimizer)
+                end_step(run, state, optimizer, scheduler, taken=False)
                 return None
             stats = update
-    state.nonfinite_in_row = 0
+    end_step(run, state, optimizer, scheduler, taken=True)
     stats.update(rollout_stats)
     # Scoring happens inside the rollout phase; report the two apart.
     timer.times["rollout_s"] -= timer.times.get("scoring_s", 0.0)
@@ -549,10 +547,9 @@ def policy_update(settings: StepSettings, policy, optimizer, rollout: Rollout,
         return None
     # DDP and FSDP2 average gradients over ranks; each rank's loss is its share of the sum.
     (loss * distributed.world_size()).backward()
-    grad_norm, finite = clip_and_check(policy, settings.grad_clip)
-    if not finite:
+    grad_norm, taken = clipped_step(policy, optimizer, settings.grad_clip)
+    if not taken:
         return None
-    optimizer.step()
     with torch.no_grad():
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         entropy = (entropy * rollout.mask).sum() / rollout.mask.sum().clamp(min=1)

@@ -23,13 +23,13 @@ from speechrl.runtime import autocast, progress
 from speechrl.train.common import (
     Run,
     encode_targets,
+    end_step,
     endless_batches,
     report_skips,
-    skip_nonfinite,
     start_run,
     track_skips,
 )
-from speechrl.train.optim import build_optimizer, build_scheduler, clip_and_check
+from speechrl.train.optim import build_optimizer, build_scheduler, clipped_step
 from speechrl.train.resume import (
     TrainerState,
     maybe_resume,
@@ -62,9 +62,7 @@ def train_sft(cfg: RunConfig) -> Path:
     bar = progress(cfg.train.max_steps, state.step, "sft")
     with bar, stop_on_signals() as stop:  # the bar closes also when a stopped run raises
         while state.step < cfg.train.max_steps:
-            stats = sft_step(run, model, optimizer, batches, state, cache)
-            scheduler.step()
-            state.step += 1
+            stats = sft_step(run, model, optimizer, scheduler, batches, state, cache)
             bar.update(1)
             if stats is not None and state.step % cfg.train.log_every == 0:
                 stats["lr"] = scheduler.get_last_lr()[0]
@@ -84,12 +82,12 @@ def train_sft(cfg: RunConfig) -> Path:
     return run.best_dir if run.best_dir.exists() else run.last_dir
 
 
-def sft_step(run: Run, model, optimizer, batches, state: TrainerState,
+def sft_step(run: Run, model, optimizer, scheduler, batches, state: TrainerState,
              cache: EncoderOutputCache | None = None) -> dict | None:
     """One optimizer step over ``grad_accum`` batches, with the gradient of one batch holding
-    them all (each rank's and each micro-batch's token sum over the tokens of the whole step);
-    None when the step was skipped as non-finite (counted; the run stops after
-    ``max_nonfinite_steps`` in a row). ``cache`` supplies the frozen encoder's frames when
+    them all (each rank's and each micro-batch's token sum over the tokens of the whole step),
+    and the schedule's; None when the step was skipped as non-finite (counted; the run stops
+    after ``max_nonfinite_steps`` in a row). ``cache`` supplies the frozen encoder's frames when
     ``sft.cache_encoder_outputs`` is on."""
     cfg = run.cfg.train
     tokenizer = distributed.unwrap(model).tokenizer
@@ -127,12 +125,11 @@ def sft_step(run: Run, model, optimizer, batches, state: TrainerState,
         # AdamW leaves parameters without a gradient untouched, weight decay included.
         for p in distributed.unwrap(model).llm.parameters():
             p.grad = None
-    grad_norm, finite = clip_and_check(model, cfg.grad_clip)
-    if not finite or not math.isfinite(total_loss + total_ctc):
-        skip_nonfinite(run, state, optimizer)
+    grad_norm, taken = clipped_step(model, optimizer, cfg.grad_clip,
+                                    loss_finite=math.isfinite(total_loss + total_ctc))
+    end_step(run, state, optimizer, scheduler, taken)
+    if not taken:
         return None
-    optimizer.step()
-    state.nonfinite_in_row = 0
     stats = {"loss": total_loss, "grad_norm": grad_norm, "tokens": int(tokens)}
     if ctc_weight > 0:
         stats["speech_ctc"] = total_ctc
