@@ -23,9 +23,9 @@ from speechrl.config import (
     DECODING,
     ConfigError,
     InputError,
-    check_output_folder,
     device_error,
 )
+from speechrl.preflight import check_output_folder
 
 if TYPE_CHECKING:
     from speechrl.report import Finding, Hypothesis, ReportPaths, Section

@@ -17,10 +17,10 @@ from speechrl.config import (
     InputError,
     RunConfig,
     TrainConfig,
-    check_stage,
     load_run_config,
     to_dict,
 )
+from speechrl.preflight import check_stage
 
 
 def refused(overrides: list[str], stage: str | None = "sft", preset: str = "tiny") -> str:

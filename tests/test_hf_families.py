@@ -393,7 +393,8 @@ def check_prompt_tokens(tokenizer, layout: TokenizerLayout) -> None:
 
 
 def test_whisper_qwen_preset_parses_and_names_what_it_needs(tmp_path, monkeypatch):
-    from speechrl.config import InputError, check_stage, load_run_config
+    from speechrl.config import InputError, load_run_config
+    from speechrl.preflight import check_stage
 
     monkeypatch.chdir(tmp_path)
     sft = load_run_config("whisper-qwen", ["data.train=[train.jsonl]"], stage="sft")

@@ -48,8 +48,9 @@ from pathlib import Path
 import torch
 
 from speechrl import distributed
-from speechrl.config import DecodingConfig, GRPOConfig, RunConfig, check_stage
+from speechrl.config import DecodingConfig, GRPOConfig, RunConfig
 from speechrl.losses import PRESETS, group_advantages, informative_groups, policy_loss
+from speechrl.preflight import check_stage
 from speechrl.runtime import autocast, progress, say
 from speechrl.train.common import (
     Run,

@@ -17,8 +17,9 @@ import math
 from pathlib import Path
 
 from speechrl import distributed
-from speechrl.config import RunConfig, check_stage
+from speechrl.config import RunConfig
 from speechrl.losses import sft_loss, speech_ctc_loss
+from speechrl.preflight import check_stage
 from speechrl.runtime import autocast, progress
 from speechrl.train.common import (
     Run,
