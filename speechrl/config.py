@@ -443,10 +443,8 @@ def renamed_keys(data: Any, source: str | None = None) -> Any:
     out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
     for old, new in RENAMED_KEYS.items():
         (old_section, old_name), (new_section, new_name) = old.split("."), new.split(".")
-        section = out.get(old_section)
-        target = out.setdefault(new_section, {})
-        if not isinstance(section, dict) or old_name not in section or not isinstance(target,
-                                                                                      dict):
+        section, target = out.get(old_section), out.setdefault(new_section, {})
+        if not (isinstance(section, dict) and old_name in section and isinstance(target, dict)):
             continue
         value = section.pop(old_name)
         if new_name in target and target[new_name] != value:
