@@ -38,7 +38,7 @@ import torch
 from _common import append_record, command_line, markdown_table, torch_threads
 
 from speechrl.checkpoint import load_model
-from speechrl.config import DataConfig, GRPOConfig, RunConfig, TrainConfig
+from speechrl.config import DataConfig, DecodingConfig, GRPOConfig, RunConfig, TrainConfig
 from speechrl.data import make_dataloader
 from speechrl.distributed import World
 from speechrl.generate import DecodingOptions, generate_from_speech, max_tokens_for_duration
@@ -48,7 +48,7 @@ from speechrl.model import token_logprobs
 from speechrl.rewards import build_reward
 from speechrl.runtime import MetricsLogger, autocast
 from speechrl.train.common import Run
-from speechrl.train.grpo import Rollout, resolve_algorithm, sample_groups
+from speechrl.train.grpo import Rollout, StepSettings, resolve_algorithm, sample_groups
 
 HEADERS = ("reward", "mean", "within-group var %", "all-equal groups %", "distinct / group",
            "|G|^2", "tr(S)", "B_noise", "SNR at B", "cos(halves)")
@@ -90,7 +90,7 @@ def group_gradient(run: Run, model, rollout: Rollout, b: int, reward: torch.Tens
     model.zero_grad(set_to_none=True)
     with autocast(run.device, run.cfg.train.precision):
         logits = model(rollout.speech_inputs[b : b + 1], rollout.input_lengths[b : b + 1],
-                       tokens, mask, group_size=G, frames=frames, shared_prompt=True)
+                       tokens, mask, group_size=G, frames=frames, shared_prompt=True).logits
     logp = token_logprobs(logits.float(), tokens, mask)
     adv = group_advantages(reward[None], scale=run.cfg.grpo.scale).flatten()
     loss, _ = policy_loss(logp, logp.detach(), adv, mask, agg=run.cfg.grpo.agg)
@@ -119,7 +119,7 @@ def logprob_agreement(run: Run, model, rollout: Rollout, decoded_logp: torch.Ten
     """|rollout log-prob - teacher-forced log-prob| over the candidates' tokens."""
     G = rollout.rewards.shape[1]
     with torch.no_grad(), autocast(run.device, run.cfg.train.precision):
-        logits = model(**rollout.model_inputs(), group_size=G, shared_prompt=True)
+        logits = model(**rollout.model_inputs(), group_size=G, shared_prompt=True).logits
     forced = token_logprobs(logits.float(), rollout.tokens, rollout.mask)
     width = min(forced.shape[1], decoded_logp.shape[1])
     diff = (forced[:, :width] - decoded_logp[:, :width].to(forced)).abs()[rollout.mask[:, :width]]
@@ -149,16 +149,18 @@ def run(args: argparse.Namespace, argv) -> dict:
     device = torch.device("cpu")
     start = time.perf_counter()
     model = load_model(args.checkpoint, device=device)
-    grpo = resolve_algorithm(GRPOConfig(group_size=args.group, temperature=args.temperature,
-                                        max_new_tokens=args.max_new_tokens))
-    cfg = RunConfig(train=TrainConfig(precision=args.precision, device="cpu"), grpo=grpo)
+    grpo = resolve_algorithm(GRPOConfig(group_size=args.group, temperature=args.temperature))
+    decoding = DecodingConfig(max_new_tokens=args.max_new_tokens)
+    cfg = RunConfig(train=TrainConfig(precision=args.precision, device="cpu"), decoding=decoding,
+                    grpo=grpo)
     trainer = make_run(cfg, device)
+    settings = StepSettings.of(cfg, device)
     rewards_fns = {name: build_reward(name) for name in args.reward.split(",")}
     main_reward = next(iter(rewards_fns.values()))
     rollouts = []
     for i, batch in enumerate(draw_batches(args.data, args.audios, args.seed, model,
                                            args.batch)):
-        rollout = sample_groups(trainer, model, batch, main_reward, args.seed * 1000 + i,
+        rollout = sample_groups(settings, model, batch, main_reward, args.seed * 1000 + i,
                                 _Timer())
         rollouts.append((rollout, batch))
     greedy_refs, greedy_hyps, sampled_wers = [], [], []
@@ -199,12 +201,12 @@ def run(args: argparse.Namespace, argv) -> dict:
             G = rollout.rewards.shape[1]
             sampled_wers += rollout.wers.flatten().tolist()
             speech, lengths = model.encode_speech(batch.inputs, batch.input_lengths)
-            caps = max_tokens_for_duration(batch.durations, grpo.tokens_per_second,
-                                           floor=min(8, grpo.max_new_tokens),
-                                           cap=grpo.max_new_tokens)
+            caps = max_tokens_for_duration(batch.durations, decoding.tokens_per_second,
+                                           floor=min(8, decoding.max_new_tokens),
+                                           cap=decoding.max_new_tokens)
+            options = DecodingOptions(max_new_tokens=decoding.max_new_tokens)
             with autocast(device, args.precision):
-                greedy = generate_from_speech(model, speech, lengths,
-                                              DecodingOptions(max_new_tokens=grpo.max_new_tokens),
+                greedy = generate_from_speech(model, speech, lengths, options,
                                               max_new_tokens=caps)
             norm = main_reward.normalize
             greedy_refs += norm(list(batch.texts), list(batch.languages))

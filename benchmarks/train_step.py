@@ -80,13 +80,14 @@ from _common import (
     torch_threads,
 )
 
-from speechrl.config import GRPOConfig, RunConfig, TrainConfig
+from speechrl.config import DecodingConfig, GRPOConfig, RunConfig, TrainConfig
 from speechrl.distributed import World
 from speechrl.model import DTYPES, SpeechLLM
 from speechrl.runtime import MetricsLogger
 from speechrl.train.common import Run
 from speechrl.train.grpo import (
     Rollout,
+    StepSettings,
     candidate_logprobs,
     loss_counts,
     policy_update,
@@ -105,10 +106,11 @@ def make_run(device: torch.device, dtype: str, group: int, new_tokens: int,
              output_dir: Path, shared: bool = True) -> Run:
     """The trainer's view of a GRPO run: preset grpo, two iterations (old log-probs kept)."""
     grpo = resolve_algorithm(GRPOConfig(algorithm="grpo", group_size=group, num_iterations=2,
-                                        max_new_tokens=new_tokens, shared_prompt=shared))
+                                        shared_prompt=shared))
     train = TrainConfig(precision="bf16" if dtype == "bfloat16" else "fp32", lr=1e-6,
                         grad_clip=1.0, device=str(device))
-    return Run(cfg=RunConfig(train=train, grpo=grpo), stage="grpo", output_dir=output_dir,
+    cfg = RunConfig(train=train, decoding=DecodingConfig(max_new_tokens=new_tokens), grpo=grpo)
+    return Run(cfg=cfg, stage="grpo", output_dir=output_dir,
                device=device, logger=MetricsLogger(output_dir, enabled=False),
                world=World(device=device))
 
@@ -143,16 +145,18 @@ def grpo_update(run: Run, policy: SpeechLLM, reference: SpeechLLM,
     """One update as grpo_step makes it after the rollout; returns each phase's seconds and
     the peak memory (GiB) of the log-prob passes and of the update above their start."""
     device = run.device
+    settings = StepSettings.of(run.cfg, device)
     marks = [_now(device)]
     base = _phase_start(device)
-    rollout.ref_logp = candidate_logprobs(run, reference, rollout)
+    rollout.ref_logp = candidate_logprobs(settings, reference, rollout)
     marks.append(_now(device))
-    rollout.old_logp = candidate_logprobs(run, policy, rollout)
+    rollout.old_logp = candidate_logprobs(settings, policy, rollout)
     marks.append(_now(device))
     logprob_peak = peak_memory_gib(device) - base
     base = _phase_start(device)
-    advantages = step_advantages(rollout.rewards, run.cfg.grpo.scale).flatten()
-    stats = policy_update(run, policy, optimizer, rollout, advantages, loss_counts(rollout.mask))
+    advantages = step_advantages(rollout.rewards, settings.grpo.scale).flatten()
+    stats = policy_update(settings, policy, optimizer, rollout, advantages,
+                          loss_counts(rollout.mask))
     marks.append(_now(device))
     update_peak = peak_memory_gib(device) - base
     if stats is None:

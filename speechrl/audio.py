@@ -135,24 +135,21 @@ def resample(wave: np.ndarray, orig_rate: float, target_rate: float) -> np.ndarr
 # --------------------------------------------------------------------------- features
 
 
-def feature_dim(kind: str, n_mels: int = 80) -> int:
-    """Size of the last axis of :func:`features`; 1 for ``"waveform"`` (one sample a step)."""
-    _check_kind(kind)
-    return 1 if kind == "waveform" else n_mels
-
-
 def features(
-    wave: np.ndarray, kind: str, sample_rate: int = SAMPLE_RATE, n_mels: int = 80
+    wave: np.ndarray, kind: str, sample_rate: int = SAMPLE_RATE, n_mels: int | None = 80
 ) -> torch.Tensor:
-    """(S,) -> (N, n_mels) log-mel for ``"fbank"`` / ``"whisper"``, or (S,) for ``"waveform"``."""
+    """(S,) at ``sample_rate`` -> (N, n_mels) log-mel for ``"fbank"`` / ``"whisper"`` (16 kHz
+    only), or the samples (S,) as float32 for ``"waveform"``. What an encoder takes, resampled
+    and normalised, is :meth:`speechrl.encoders.EncoderInput.features`, which calls this."""
     import torch
 
     _check_kind(kind)
     if kind == "fbank":
         return log_mel(wave, sample_rate, n_mels)
-    if sample_rate != SAMPLE_RATE:
-        wave = resample(wave, sample_rate, SAMPLE_RATE)
     if kind == "whisper":
+        if sample_rate != SAMPLE_RATE:
+            raise ValueError(f"Whisper's log-mel is defined at {SAMPLE_RATE} Hz, got "
+                             f"{sample_rate} Hz audio: resample it first")
         return whisper_log_mel(wave, n_mels)
     return torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
 

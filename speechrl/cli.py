@@ -237,7 +237,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return synth_main(args) or 0
 
     if command in STAGES:
-        from speechrl.config import check_stage, load_run_config
+        from speechrl.config import load_run_config
+        from speechrl.preflight import check_stage
 
         # Checked before any import of torch: a mistake costs a fraction of a second.
         cfg = load_run_config(args.config, args.overrides, stage=command)
@@ -264,7 +265,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _transcribe(args)
 
     if command == "demo":
-        from speechrl.config import check_output_folder
+        from speechrl.preflight import check_output_folder
 
         check_output_folder(args.out, "--out")
         from speechrl.demo import run_demo
@@ -285,7 +286,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _check_synth_arguments(args: argparse.Namespace) -> None:
-    from speechrl.config import check_output_folder
+    from speechrl.preflight import check_output_folder
     from speechrl.textgen import LANGUAGES
 
     langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()]

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
-import os
 import re
+import sys
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -52,7 +51,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "grpo.strategy": ("sample", "beam"),  # greedy would give G identical candidates
     "grpo.scale": ("group", "batch", "none"),
     "grpo.agg": ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"),
-    "grpo.normalizer": ("whisper", "basic", "lower", "none"),
+    "decoding.normalizer": ("whisper", "basic", "lower", "none"),
 }
 # The features each kind of encoder takes (what ``data.features`` must be when it is set).
 ENCODER_FEATURES = {"conformer": "fbank", "whisper": "whisper", "hubert": "waveform",
@@ -263,19 +262,6 @@ class TrainConfig:
     save_every: int = 200  # resumable checkpoint
     dev_utterances: int | None = 200  # cap on dev utterances decoded at each evaluation
     max_nonfinite_steps: int = 5  # stop (with a checkpoint) after this many skipped steps in a row
-    # SFT: keep the frozen encoder's output frames of every training utterance after its first
-    # use, so later epochs skip the encoder (memory: frames x encoder width per utterance, on
-    # the model's device). For small encoders and corpora such as the CPU demo's.
-    cache_encoder_outputs: bool = False
-    # SFT: for the first this many steps only the projector (and any trainable encoder part)
-    # learns; the LLM's gradients are dropped. The speech embeddings then have to carry the
-    # transcript before the LLM can fall back on its text prior (docs/results.md).
-    llm_frozen_steps: int = 0
-    # SFT: weight of an auxiliary CTC loss that reads each projected speech token through the
-    # LLM's input embeddings (logits = speech @ E^T, blank = the pad token) and scores the
-    # transcript's tokens against them. It gives the projector a direct signal from the first
-    # step, so the LLM meets text-like speech tokens; 0 is the paper's SFT (eq. 2 only).
-    speech_ctc_weight: float = 0.0
     resume: bool = True  # continue from output_dir/last when it exists
     # Under torchrun: "ddp" (every rank holds the model) or "fsdp2" (parameters, gradients and
     # optimizer state sharded with fully_shard, for models that do not fit one device).
@@ -291,8 +277,7 @@ class TrainConfig:
         for name in ("max_steps", "grad_accum", "log_every", "eval_every", "save_every",
                      "max_nonfinite_steps", "batch_size", "dev_utterances"):
             _at_least(f"train.{name}", getattr(self, name), 1)
-        for name in ("warmup_steps", "llm_frozen_steps", "weight_decay", "grad_clip",
-                     "speech_ctc_weight"):
+        for name in ("warmup_steps", "weight_decay", "grad_clip"):
             _at_least(f"train.{name}", getattr(self, name), 0)
         _within("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
@@ -308,36 +293,62 @@ class DecodingConfig:
     below ``min_token_cap``; 0 turns the duration cap off), so runaway loops end
     (``speechrl.generate.DecodingOptions`` applies the caps)."""
 
-    normalizer: str = "whisper"
+    normalizer: str = "whisper"  # the same normaliser for rewards and evaluation
     max_new_tokens: int = 128
     tokens_per_second: float = 8.0
     min_token_cap: int = 8
 
+    def __post_init__(self) -> None:
+        _choose("decoding.normalizer", self.normalizer)
+        _at_least("decoding.max_new_tokens", self.max_new_tokens, 1)
+        _at_least("decoding.tokens_per_second", self.tokens_per_second, 0)
+        _at_least("decoding.min_token_cap", self.min_token_cap, 1)
 
-# The defaults every command decodes with. The run settings keep them in ``grpo.*`` (SFT's dev
-# evaluation reads them there too); ``eval`` and ``transcribe`` take them as options.
+
+# The defaults every command decodes with: a run's ``decoding`` section, and the options of
+# ``eval`` and ``transcribe``.
 DECODING = DecodingConfig()
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """SFT's own switches; all off is the paper's SFT (eq. 2)."""
+
+    # Keep the frozen encoder's output frames of every training utterance after its first use,
+    # so later epochs skip the encoder (memory: frames x encoder width per utterance, on the
+    # model's device). For small encoders and corpora such as the CPU demo's.
+    cache_encoder_outputs: bool = False
+    # For the first this many steps only the projector (and any trainable encoder part) learns;
+    # the LLM's gradients are dropped. The speech embeddings then have to carry the transcript
+    # before the LLM can fall back on its text prior (docs/results.md).
+    llm_frozen_steps: int = 0
+    # Weight of an auxiliary CTC loss that reads each projected speech token through the LLM's
+    # input embeddings (logits = speech @ E^T, blank = the pad token) and scores the
+    # transcript's tokens against them. It gives the projector a direct signal from the first
+    # step, so the LLM meets text-like speech tokens; 0 is the paper's SFT (eq. 2 only).
+    speech_ctc_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        _at_least("sft.llm_frozen_steps", self.llm_frozen_steps, 0)
+        _at_least("sft.speech_ctc_weight", self.speech_ctc_weight, 0)
 
 
 @dataclass(frozen=True)
 class GRPOConfig:
     """GRPO and its variants (paper eq. 3-9). Fields left as None take the algorithm's preset
-    (see ``speechrl.losses.PRESETS``); anything set explicitly wins."""
+    (see ``speechrl.losses.PRESETS``); anything set explicitly wins. Rollouts are capped and
+    rewards normalised as the run's ``decoding`` section says, like the dev evaluation."""
 
     algorithm: str = "grpo"  # grpo | dapo | dr_grpo
     group_size: int = 6  # G candidates per audio (the paper tried 6 and 10)
     num_iterations: int = 1  # policy updates per rollout batch (old log-probs kept for the ratio)
     reward: str = "wer"  # wer | em | ed | "0.7*wer+0.3*em" | package.module:function
-    normalizer: str = DECODING.normalizer  # the same normaliser as evaluation
     strategy: str = "sample"  # sample | beam (n-best as the group)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
     num_beams: int | None = None  # beam width for strategy=beam; defaults to group_size
-    max_new_tokens: int = DECODING.max_new_tokens
-    # cap on new tokens by audio duration: runaway loops end
-    tokens_per_second: float = DECODING.tokens_per_second
     scale: str | None = None  # advantage scaling: group | batch | none
     agg: str | None = None  # seq_mean_token_mean | token_mean | seq_mean_token_sum_norm
     beta: float | None = None  # k3 KL weight towards the reference (SFT) model
@@ -356,13 +367,12 @@ class GRPOConfig:
         _choose("grpo.strategy", self.strategy)
         _choose("grpo.scale", self.scale, optional=True)
         _choose("grpo.agg", self.agg, optional=True)
-        _choose("grpo.normalizer", self.normalizer)
         # Advantages are rewards relative to the group's mean: one candidate is its own mean.
         _at_least("grpo.group_size", self.group_size, 2,
                   ": a group of one candidate has zero advantage and teaches nothing")
-        for name in ("num_iterations", "max_new_tokens", "num_beams"):
+        for name in ("num_iterations", "num_beams"):
             _at_least(f"grpo.{name}", getattr(self, name), 1)
-        for name in ("top_k", "tokens_per_second", "max_refill_rounds", "beta", "eps_high"):
+        for name in ("top_k", "max_refill_rounds", "beta", "eps_high"):
             _at_least(f"grpo.{name}", getattr(self, name), 0)
         _above("grpo.temperature", self.temperature, 0)
         _within("grpo.top_p", self.top_p, 0.0, 1.0, low_open=True)
@@ -403,12 +413,60 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     ctc: CTCConfig = field(default_factory=CTCConfig)
     lm: LMConfig = field(default_factory=LMConfig)
 
 
 STAGES = ("pretrain-lm", "pretrain-encoder", "sft", "grpo")
+
+# Options that moved, old dotted key -> new: presets, overrides and the run configs recorded by
+# older runs (``<stage>_config.json``) still load with the old keys, to the same settings.
+RENAMED_KEYS = {
+    "grpo.normalizer": "decoding.normalizer",
+    "grpo.max_new_tokens": "decoding.max_new_tokens",
+    "grpo.tokens_per_second": "decoding.tokens_per_second",
+    "train.cache_encoder_outputs": "sft.cache_encoder_outputs",
+    "train.llm_frozen_steps": "sft.llm_frozen_steps",
+    "train.speech_ctc_weight": "sft.speech_ctc_weight",
+}
+
+
+def renamed_keys(data: Any, source: str | None = None) -> Any:
+    """A copy of the nested :class:`RunConfig` dict ``data`` with each old key of
+    :data:`RENAMED_KEYS` moved to its new name. ``source`` (``"override"``, a YAML file), when
+    given, is named in a one-line note on stderr for each old key it used."""
+    if not isinstance(data, Mapping):
+        return data
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for old, new in RENAMED_KEYS.items():
+        (old_section, old_name), (new_section, new_name) = old.split("."), new.split(".")
+        section, target = out.get(old_section), out.setdefault(new_section, {})
+        if not (isinstance(section, dict) and old_name in section and isinstance(target, dict)):
+            continue
+        value = section.pop(old_name)
+        if new_name in target and target[new_name] != value:
+            raise ConfigError(f"{old}={value!r} and {new}={target[new_name]!r} are one option "
+                              f"({old} is its old name): give it once")
+        target[new_name] = value
+        if source:
+            print(f"speechrl: {old} is now {new} ({source}); the old name still works",
+                  file=sys.stderr)
+    return {k: v for k, v in out.items() if v != {} or k in data}
+
+
+def _renamed_preset(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """:func:`renamed_keys` of a preset's sections and of each of its ``stages:``."""
+    stages = data.get("stages")
+    data = renamed_keys({k: v for k, v in data.items() if k != "stages"}, source)
+    if isinstance(stages, Mapping):
+        data["stages"] = {name: renamed_keys(section, source)
+                          for name, section in stages.items()}
+    elif stages is not None:
+        data["stages"] = stages
+    return data
 
 
 def load_run_config(name_or_path: str | None, overrides: list[str] | None = None,
@@ -419,7 +477,8 @@ def load_run_config(name_or_path: str | None, overrides: list[str] | None = None
     A preset describes every stage of one scale: shared ``model`` / ``data`` / ``train``
     sections, and under ``stages:`` what each stage changes (its learning rate, steps, ...).
     Every option is checked here (:class:`ConfigError` naming the key); what a stage needs to
-    run (settings that go together, inputs that exist) is :func:`check_stage`'s to check.
+    run (settings that go together, inputs that exist) is checked by
+    :func:`speechrl.preflight.check_stage`.
     """
     data = load_yaml(name_or_path) if name_or_path else {}
     stages = data.pop("stages", {}) or {}
@@ -432,145 +491,8 @@ def load_run_config(name_or_path: str | None, overrides: list[str] | None = None
                           f"{', '.join(STAGES)}")
     if stage is not None:
         data = merge(data, stages.get(stage) or {})
-    return from_dict(RunConfig, merge(data, parse_overrides(overrides or [])))
-
-
-# --------------------------------------------------------------------------- per stage
-
-
-def check_stage(cfg: RunConfig, stage: str, *, source: str | None = None,
-                overrides: Iterable[str] = ()) -> None:
-    """What ``stage`` needs of ``cfg`` beyond each option's own values, checked before anything
-    is loaded or written: the settings it cannot run without (:class:`ConfigError`), then the
-    inputs it reads (:class:`InputError` naming every missing one). ``source`` (the preset or
-    YAML file) and ``overrides`` (the ``key=value`` items given) only word the message about
-    missing inputs: which of them came from the preset."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
-    _check_settings(cfg, stage)
-    missing = missing_inputs(cfg, stage)
-    if missing:
-        overridden = set(_leaf_keys(parse_overrides(list(overrides))))
-        raise InputError(_missing_message(missing, source, overridden))
-    check_output_folder(cfg.train.output_dir, "train.output_dir")
-
-
-def _check_settings(cfg: RunConfig, stage: str) -> None:
-    if cfg.train.grad_accum > 1 and stage != "sft":  # only sft_step accumulates micro-batches
-        raise ConfigError(f"train.grad_accum={cfg.train.grad_accum} applies to sft only: {stage} "
-                          "takes one batch a step; raise train.batch_size (or data.max_duration) "
-                          "instead")
-    if stage == "pretrain-lm":
-        if not cfg.data.train and not cfg.lm.text:
-            raise ConfigError("no text to pre-train on: set data.train=[manifests] or "
-                              "lm.text=[text files]")
-        return
-    if not cfg.data.train:
-        raise ConfigError("data.train is empty: give one or more manifests, e.g. "
-                          "data.train=[corpus/train.jsonl]")
-    if stage == "pretrain-encoder":
-        if cfg.model.encoder.kind != "conformer":
-            raise ConfigError("pretrain-encoder trains the built-in encoder (model.encoder.kind="
-                              "conformer); Hugging Face encoders come pre-trained")
-        return
-    if not cfg.train.init and not (cfg.model.tokenizer or cfg.model.llm.path):
-        raise ConfigError("model.tokenizer (or model.llm.path with tokenizer files) is required "
-                          "to build a speech-LLM; run `speechrl pretrain-lm` to train one")
-    kind = _encoder_kind(cfg)
-    if cfg.data.features is not None and kind in ENCODER_FEATURES \
-            and cfg.data.features != ENCODER_FEATURES[kind]:
-        raise ConfigError(f"data.features={cfg.data.features} does not fit the {kind} encoder, "
-                          f"which takes {ENCODER_FEATURES[kind]} features: leave data.features "
-                          "unset (it follows the encoder)")
-    if stage == "sft" and cfg.train.cache_encoder_outputs and cfg.data.augment:
-        raise ConfigError("train.cache_encoder_outputs cannot be used with data.augment: "
-                          "augmented audio changes every epoch")
-    if stage == "grpo":
-        if not cfg.train.init:
-            raise ConfigError("GRPO starts from a trained model: set train.init=<SFT "
-                              "checkpoint>, e.g. train.init=runs/tiny/sft/best")
-        _check_reward(cfg.grpo)
-
-
-def _encoder_kind(cfg: RunConfig) -> str | None:
-    """The encoder a speech stage will run: the ``train.init`` checkpoint's when it starts from
-    one (None if that cannot be read: loading it reports why), else ``model.encoder``'s."""
-    if not cfg.train.init:
-        return cfg.model.encoder.kind
-    try:
-        saved = json.loads((Path(cfg.train.init) / "speechrl.json").read_text())
-        return saved["model"]["encoder"]["kind"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _check_reward(grpo: GRPOConfig) -> None:
-    """The reward spec parses and each of its names resolves (a ``module:function`` is
-    imported now, not after the model has loaded)."""
-    from speechrl.rewards import REWARDS, build_reward, parse_spec
-
-    try:
-        build_reward(grpo.reward, normalizer=grpo.normalizer)
-    except ValueError as err:
-        try:
-            names = [name for _, name in parse_spec(grpo.reward)]
-        except ValueError:  # the spec does not parse: the message says where
-            names = []
-        typo = next((n for n in names if ":" not in n and n not in REWARDS), None)
-        hint = did_you_mean(typo, REWARDS) if typo else ""
-        raise ConfigError(f"grpo.reward: {err}{hint}") from err
-    except Exception as err:  # the user's module failed while being imported
-        raise ConfigError(f"grpo.reward={grpo.reward!r}: importing it raised "
-                          f"{type(err).__name__}: {err}") from err
-
-
-def missing_inputs(cfg: RunConfig, stage: str) -> list[tuple[str, str]]:
-    """``(key, path)`` of each file or folder ``stage`` reads that does not exist. A speech stage
-    that starts from ``train.init`` reads the model from it alone."""
-    inputs: list[tuple[str, str | None]] = [("data.train", p) for p in cfg.data.train]
-    inputs += [("data.dev", p) for p in cfg.data.dev]
-    if stage == "pretrain-lm":
-        inputs += [("lm.text", p) for p in cfg.lm.text]
-        inputs += [("model.tokenizer", cfg.model.tokenizer), ("model.llm.path", cfg.model.llm.path)]
-    elif stage in ("sft", "grpo"):
-        if cfg.train.init:
-            inputs.append(("train.init", cfg.train.init))
-        else:
-            inputs += [("model.llm.path", cfg.model.llm.path),
-                       ("model.tokenizer", cfg.model.tokenizer),
-                       ("model.encoder.path", cfg.model.encoder.path)]
-    return [(key, path) for key, path in inputs if path and not Path(path).exists()]
-
-
-def check_output_folder(path: str | Path, what: str) -> None:
-    """``path`` is a folder, or one can be made there: no file in the way, a writable parent.
-    ``what`` names the option in the message (``--out``)."""
-    path = Path(path)
-    for folder in (path, *path.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise InputError(f"{what} {path}: {folder} is a file, not a folder; give a "
-                                 "folder (it is made if missing)")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise InputError(f"{what} {path}: {folder} is not writable")
-            return
-
-
-def _missing_message(missing: list[tuple[str, str]], source: str | None,
-                     overridden: set[str]) -> str:
-    listed = ", ".join(f"{key}={path}" for key, path in missing)
-    text = f"missing input(s): {listed}"
-    if any(not Path(path).is_absolute() for _, path in missing):
-        text += f" (relative to {Path.cwd()})"
-    from_source = [key for key, _ in missing if key not in overridden]
-    if not source or not from_source:
-        return text
-    which = "these are" if len(from_source) == len(missing) else f"{', '.join(from_source)} are"
-    if Path(source).suffix in (".yaml", ".yml"):
-        return f"{text}; {which} {source}'s paths: point elsewhere with key=PATH overrides"
-    return (f"{text}; {which} the {source} preset's paths: make them with the commands at the "
-            f"top of configs/{source}.yaml (or `speechrl demo`), or point elsewhere with "
-            "key=PATH overrides")
+    update = renamed_keys(parse_overrides(overrides or []), "override")
+    return from_dict(RunConfig, merge(data, update))
 
 
 # --------------------------------------------------------------------------- generic machinery
@@ -662,6 +584,8 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, *, _path: str = "") -> 
         raise ConfigError(f"{section} is a section, not a value: set its options one by one "
                           f"(e.g. {_path or section + '.'}NAME=VALUE), not {data!r}")
     data = dict(data or {})
+    if cls is RunConfig:
+        data = renamed_keys(data)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
@@ -677,8 +601,10 @@ def _unknown_message(cls: type, unknown: list[str], names: list[str], path: str)
     close = difflib.get_close_matches(unknown[0], names, n=1, cutoff=0.6)
     if close:
         return f"{text} (did you mean {path}{close[0]}?)"
-    if path or cls is RunConfig:  # the same name in another section: train.group_size
+    if path or cls is RunConfig:  # the name in another section: train.group_size
         elsewhere = [k for k in _dotted_keys(RunConfig) if k.rsplit(".", 1)[-1] == unknown[0]]
+        moved = {new.rsplit(".", 1)[-1]: new for new in RENAMED_KEYS.values()}
+        elsewhere += [moved[n] for n in difflib.get_close_matches(unknown[0], moved, n=1)]
         if elsewhere:
             return f"{text} (did you mean {elsewhere[0]}?)"
     section = path.rstrip(".")
@@ -696,14 +622,6 @@ def _dotted_keys(cls: type, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(tp):
             keys += _dotted_keys(tp, f"{key}.")
     return keys
-
-
-def _leaf_keys(nested: Mapping[str, Any], prefix: str = "") -> Iterable[str]:
-    for k, v in nested.items():
-        if isinstance(v, Mapping):
-            yield from _leaf_keys(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}"
 
 
 def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -769,6 +687,8 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def apply_overrides(cfg: Any, overrides: list[str] | dict[str, Any]) -> Any:
     """A copy of the dataclass tree ``cfg`` with dotted ``key=value`` overrides applied."""
     update = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+    if isinstance(cfg, RunConfig):
+        update = renamed_keys(update)
     return from_dict(type(cfg), merge(to_dict(cfg), update))
 
 
@@ -809,6 +729,7 @@ def load_yaml(name_or_path: str) -> dict[str, Any]:
         raise ConfigError(f"{path} holds a {type(data).__name__}, not sections (model:, data:, "
                           "train:, ...)")
     base = data.pop("base", None)
+    data = _renamed_preset(data, str(path))
     if base:
         data = merge(load_yaml(base), data)
     return data

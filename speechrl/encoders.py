@@ -106,14 +106,9 @@ class EncoderInput:
         :attr:`sample_rate` (normalised if :attr:`normalize`)."""
         if sample_rate != self.sample_rate:
             wave = audio_lib.resample(wave, sample_rate, self.sample_rate)
-        if self.kind == "fbank":
-            return audio_lib.log_mel(wave, self.sample_rate, self.n_mels)
-        if self.kind == "whisper":
-            return audio_lib.whisper_log_mel(wave, self.n_mels)
-        wave = np.asarray(wave, dtype=np.float32)
         if self.normalize:
             wave = audio_lib.zero_mean_unit_variance(wave)
-        return torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
+        return audio_lib.features(wave, self.kind, self.sample_rate, self.n_mels)
 
 
 # --------------------------------------------------------------------------- shared parts

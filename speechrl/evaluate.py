@@ -23,9 +23,9 @@ from speechrl.config import (
     DECODING,
     ConfigError,
     InputError,
-    check_output_folder,
     device_error,
 )
+from speechrl.preflight import check_output_folder
 
 if TYPE_CHECKING:
     from speechrl.report import Finding, Hypothesis, ReportPaths, Section
@@ -267,7 +267,7 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--beam", type=int, default=0,
                         help="beam width; 0 decodes greedily (default: %(default)s)")
     parser.add_argument("--normalizer", default=DECODING.normalizer,
-                        choices=CHOICES["grpo.normalizer"],
+                        choices=CHOICES["decoding.normalizer"],
                         help="text normaliser applied before scoring (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=DECODING.max_new_tokens,
                         help="cap on tokens per transcript (default: %(default)s)")

@@ -120,7 +120,7 @@ def speech_ctc_loss(
     blank: int,
     num_tokens: int | float | None = None,
 ) -> torch.Tensor:
-    """CTC of the transcripts against the speech tokens (``train.speech_ctc_weight``).
+    """CTC of the transcripts against the speech tokens (``sft.speech_ctc_weight``).
 
     logits (B, N, V) score each speech token over the vocabulary (``SpeechLLM.forward`` with
     ``with_speech_ctc``); speech_lengths (B,); targets (B, S) transcript ids, padded with any id

@@ -14,6 +14,7 @@ Shapes: B batch, L prompt length, T tokens, N frames, F features, V vocabulary, 
 from __future__ import annotations
 
 import inspect
+from typing import NamedTuple
 
 import peft
 import torch
@@ -30,6 +31,17 @@ from speechrl.config import LLMConfig, LoraConfig, ModelConfig, ProjectorConfig
 from speechrl.encoders import SpeechEncoder, build_encoder, lengths_to_mask
 from speechrl.prompt import build_prompt, pad_prompts
 from speechrl.tokenizer import SpeechTokenizer
+
+
+class SpeechLLMOutput(NamedTuple):
+    """What :meth:`SpeechLLM.forward` returns (a tuple, so DDP and FSDP2 see its tensors)."""
+
+    logits: torch.Tensor  # (B*G, T, V) target logits
+    # With ``with_speech_ctc``: each speech token read through the LLM's input embeddings,
+    # (B, N, V) = speech @ E^T, and the speech lengths (B,); None otherwise.
+    speech_ctc_logits: torch.Tensor | None = None
+    speech_lengths: torch.Tensor | None = None
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -359,7 +371,7 @@ class SpeechLLM(nn.Module):
         frames: tuple[torch.Tensor, torch.Tensor] | None = None,
         with_speech_ctc: bool = False,
         shared_prompt: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> SpeechLLMOutput:
         """Audio inputs to target logits (B*G, T, V): the path a DDP- or FSDP-wrapped trainer
         calls. targets and target_mask (B*G, T) hold G = ``group_size`` candidates per audio,
         audio-major (GRPO); each audio is encoded once and its speech repeated G times, or,
@@ -370,7 +382,7 @@ class SpeechLLM(nn.Module):
         frozen encoder's cached output); the encoder is then skipped and ``inputs`` unused.
         ``with_speech_ctc``: also return each speech token read through the LLM's input
         embeddings, logits (B, N, V) = speech @ E^T, and the speech lengths (B,), for
-        :func:`speechrl.losses.speech_ctc_loss` (``train.speech_ctc_weight``).
+        :func:`speechrl.losses.speech_ctc_loss` (``sft.speech_ctc_weight``).
         """
         if frames is None:
             speech, speech_lengths = self.encode_speech(inputs, lengths)
@@ -379,16 +391,16 @@ class SpeechLLM(nn.Module):
                                                     frames[1].to(self.device))
         ctc_logits = speech @ self.llm.get_input_embeddings().weight.t() if with_speech_ctc \
             else None
-        ctc_lengths = speech_lengths
+        ctc_lengths = speech_lengths if with_speech_ctc else None
         if shared_prompt:
             logits = self.group_target_logits(speech, speech_lengths, targets, target_mask,
                                               group_size)
-            return (logits, ctc_logits, ctc_lengths) if with_speech_ctc else logits
-        if group_size > 1:
-            speech = speech.repeat_interleave(group_size, dim=0)
-            speech_lengths = speech_lengths.repeat_interleave(group_size, dim=0)
-        logits = self.target_logits(speech, speech_lengths, targets, target_mask)
-        return (logits, ctc_logits, ctc_lengths) if with_speech_ctc else logits
+        else:
+            if group_size > 1:
+                speech = speech.repeat_interleave(group_size, dim=0)
+                speech_lengths = speech_lengths.repeat_interleave(group_size, dim=0)
+            logits = self.target_logits(speech, speech_lengths, targets, target_mask)
+        return SpeechLLMOutput(logits, ctc_logits, ctc_lengths)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimizer should update (frozen encoder and LoRA base excluded)."""

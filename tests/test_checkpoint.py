@@ -37,7 +37,7 @@ def logits_of(model, feats, lengths):
         model.tokenizer, [model.tokenizer.encode(t) for t in ("hello world", "the cat")]
     )
     with torch.no_grad():
-        return model(feats, lengths, targets, mask)
+        return model(feats, lengths, targets, mask).logits
 
 
 @pytest.fixture
@@ -177,7 +177,7 @@ def test_lora_model_round_trips(tiny_model_config, tiny_tokenizer, tmp_path, bat
 def test_training_state_round_trip(tiny_model, tmp_path, batch):
     optimizer = torch.optim.Adam(tiny_model.trainable_parameters(), lr=1e-3)
     targets, mask = pad_targets(tiny_model.tokenizer, [[10, 11], [12]])
-    tiny_model(*batch, targets, mask).sum().backward()
+    tiny_model(*batch, targets, mask).logits.sum().backward()
     optimizer.step()
     state = {"step": 7, "best_dev_wer": 0.25}
     save_checkpoint(

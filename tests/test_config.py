@@ -17,10 +17,10 @@ from speechrl.config import (
     InputError,
     RunConfig,
     TrainConfig,
-    check_stage,
     load_run_config,
     to_dict,
 )
+from speechrl.preflight import check_stage
 
 
 def refused(overrides: list[str], stage: str | None = "sft", preset: str = "tiny") -> str:
@@ -139,7 +139,7 @@ def test_the_choices_are_those_the_modules_implement():
     assert CHOICES["grpo.agg"] == losses.AGGREGATIONS
     assert set(CHOICES["grpo.algorithm"]) == set(losses.PRESETS)
     assert CHOICES["train.parallel"] == distributed.STRATEGIES
-    assert CHOICES["grpo.normalizer"] == text.NORMALIZERS
+    assert CHOICES["decoding.normalizer"] == text.NORMALIZERS
     assert CHOICES["model.encoder.kind"] == encoders.ENCODER_KINDS
     assert CHOICES["data.features"] == audio.FEATURE_KINDS == encoders.INPUT_KINDS
     assert set(CHOICES["model.llm.preset"]) == set(model.LLM_PRESETS)
@@ -231,9 +231,9 @@ def test_a_resumed_constant_schedule_takes_the_new_lr(tmp_path):
         use_configured_lr(optimizer, scheduler, cosine, tmp_path)
 
 
-# The decoding and SFT settings as a run saved them before speechrl.config.DECODING (its
-# <stage>_config.json, trimmed to the keys that cross stages): they load as they were, and a
-# run resuming with them unchanged says nothing.
+# The decoding and SFT settings as a run saved them before the decoding and sft sections (its
+# <stage>_config.json, trimmed to the keys that cross stages): they load as they were, to the
+# new keys (speechrl.config.RENAMED_KEYS), and a run resuming with them unchanged says nothing.
 OLD_SFT_RECORD = {
     "train": {"max_steps": 5, "cache_encoder_outputs": True, "llm_frozen_steps": 2,
               "speech_ctc_weight": 0.5},
@@ -242,26 +242,59 @@ OLD_SFT_RECORD = {
 
 
 def test_a_run_config_saved_before_the_decoding_defaults_loads_and_resumes(tmp_path, capsys):
-    from speechrl.config import DECODING, from_dict
+    from speechrl.config import DECODING, RENAMED_KEYS, from_dict
     from speechrl.train.resume import check_resumed_settings
 
     old = from_dict(RunConfig, OLD_SFT_RECORD)
-    assert (old.grpo.normalizer, old.grpo.max_new_tokens, old.grpo.tokens_per_second) == (
-        "basic", 96, 6.0)
-    assert (old.train.cache_encoder_outputs, old.train.llm_frozen_steps,
-            old.train.speech_ctc_weight) == (True, 2, 0.5)
+    assert (old.decoding.normalizer, old.decoding.max_new_tokens,
+            old.decoding.tokens_per_second) == ("basic", 96, 6.0)
+    assert (old.sft.cache_encoder_outputs, old.sft.llm_frozen_steps,
+            old.sft.speech_ctc_weight) == (True, 2, 0.5)
+    assert old == from_dict(RunConfig, {
+        "train": {"max_steps": 5},
+        "sft": {"cache_encoder_outputs": True, "llm_frozen_steps": 2, "speech_ctc_weight": 0.5},
+        "decoding": {"normalizer": "basic", "max_new_tokens": 96, "tokens_per_second": 6.0}})
     fresh = RunConfig()
-    assert (fresh.grpo.normalizer, fresh.grpo.max_new_tokens, fresh.grpo.tokens_per_second) == (
+    assert (fresh.decoding.normalizer, fresh.decoding.max_new_tokens,
+            fresh.decoding.tokens_per_second) == (
         DECODING.normalizer, DECODING.max_new_tokens, DECODING.tokens_per_second) == (
         "whisper", 128, 8.0)
     out = tmp_path / "run"
     (out / "last").mkdir(parents=True)
     (out / "last" / "trainer_state.json").write_text('{"step": 5}')
     (out / "sft_config.json").write_text(json.dumps(OLD_SFT_RECORD))
-    again = load_run_config(None, ["train.max_steps=5", "train.cache_encoder_outputs=true",
-                                   "train.llm_frozen_steps=2", "train.speech_ctc_weight=0.5",
-                                   "grpo.normalizer=basic", "grpo.max_new_tokens=96",
-                                   "grpo.tokens_per_second=6.0"])
+    old_keys = ["train.max_steps=5", "train.cache_encoder_outputs=true",
+                "train.llm_frozen_steps=2", "train.speech_ctc_weight=0.5",
+                "grpo.normalizer=basic", "grpo.max_new_tokens=96", "grpo.tokens_per_second=6.0"]
+    again = load_run_config(None, old_keys)
     assert again == old
+    # Each old key given as an override is named once, with its new name.
+    notes = capsys.readouterr().err.splitlines()
+    assert notes == [f"speechrl: {key} is now {new} (override); the old name still works"
+                     for key, new in RENAMED_KEYS.items()]
+    new_keys = [f"{RENAMED_KEYS.get(key, key)}={value}"
+                for key, value in (item.split("=") for item in old_keys)]
+    assert load_run_config(None, new_keys) == old
     check_resumed_settings(again, "sft", out)
     assert capsys.readouterr().err == ""
+
+
+def test_a_preset_with_the_old_keys_loads_to_the_same_settings(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("grpo: {max_new_tokens: 96}\n"
+                   "stages:\n  sft:\n    train: {lr: 1.0e-3, speech_ctc_weight: 0.5}\n")
+    new = tmp_path / "new.yaml"
+    new.write_text("decoding: {max_new_tokens: 96}\n"
+                   "stages:\n  sft:\n    train: {lr: 1.0e-3}\n    sft: {speech_ctc_weight: 0.5}\n")
+    for stage in ("sft", "grpo"):
+        assert load_run_config(str(old), stage=stage) == load_run_config(str(new), stage=stage)
+    assert f"grpo.max_new_tokens is now decoding.max_new_tokens ({old})" in capsys.readouterr().err
+    cfg = load_run_config(str(old), ["sft.speech_ctc_weight=0.25"], stage="sft")
+    assert (cfg.sft.speech_ctc_weight, cfg.decoding.max_new_tokens) == (0.25, 96)
+    with pytest.raises(ConfigError, match=r"train.llm_frozen_steps=2 and sft.llm_frozen_steps=3 "
+                                          r"are one option"):
+        load_run_config(None, ["train.llm_frozen_steps=2", "sft.llm_frozen_steps=3"])
+    with pytest.raises(ConfigError, match=r"did you mean sft.llm_frozen_steps\?"):
+        load_run_config(None, ["train.llm_frozen_step=2"])
+    with pytest.raises(ConfigError, match=r"did you mean decoding.min_token_cap\?"):
+        load_run_config(None, ["decoding.min_token_caps=2"])

@@ -103,7 +103,7 @@ def test_demo_stopped_in_every_stage_resumes_each_then_a_restart_only_rewrites_t
     sft, grpo = stage_config("sft"), stage_config("grpo")
     assert (sft["train"]["max_steps"], sft["data"]["train"]) == (6, [str(data / "train.jsonl")])
     # SFT trains everything from step 1, with the preset's CTC term on the speech tokens.
-    assert (sft["train"]["llm_frozen_steps"], sft["train"]["speech_ctc_weight"]) == (0, 0.5)
+    assert (sft["sft"]["llm_frozen_steps"], sft["sft"]["speech_ctc_weight"]) == (0, 0.5)
     assert (grpo["train"]["max_steps"], grpo["train"]["init"]) == (2, str(out / "checkpoints/sft"))
     # GRPO trains on sentences SFT never saw, where empty references (no speech) are kept.
     assert (grpo["data"]["train"], grpo["data"]["train_empty_text"]) == \

@@ -24,7 +24,7 @@ import yaml
 from safetensors.torch import load_file
 
 from speechrl import distributed
-from speechrl.config import GRPOConfig, ModelConfig, RunConfig, to_dict
+from speechrl.config import DecodingConfig, GRPOConfig, ModelConfig, RunConfig, to_dict
 
 # --------------------------------------------------------------------------- one process
 
@@ -219,7 +219,8 @@ def runs(tmp_path_factory, tiny_model_config_module) -> dict[str, Path]:
         cfg = run_config(where, corpus, tiny_model_config_module, init=str(init), max_steps=1,
                          batch_size=4, lr=1e-3, warmup_steps=0, eval_every=1000, save_every=1)
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dev=()),
-                                   grpo=GRPOConfig(group_size=4, max_new_tokens=8, **options))
+                                   decoding=DecodingConfig(max_new_tokens=8),
+                                   grpo=GRPOConfig(group_size=4, **options))
 
     def stages(base: Path) -> dict[str, tuple[str, RunConfig]]:
         return {

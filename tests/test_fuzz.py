@@ -23,7 +23,7 @@ import soundfile as sf
 import yaml
 from test_train import run_config, write_tone_corpus
 
-from speechrl.config import DataConfig, GRPOConfig, to_dict
+from speechrl.config import DataConfig, DecodingConfig, GRPOConfig, to_dict
 
 SR = 16000
 # A planted row: its JSONL line, the reason counted when training and when evaluating (None:
@@ -255,9 +255,9 @@ def test_sft_grpo_and_eval_report_what_was_planted(tmp_path, tiny_model_config, 
     assert json.loads((tmp_path / "sft" / "run" / "skips.json").read_text()) == expected
     assert f"sft, train data: skipped {sum(train_planted.values())} row(s): " in err
 
-    grpo = replace(sft, grpo=GRPOConfig(group_size=2, max_new_tokens=4), train=replace(
-        sft.train, output_dir=str(tmp_path / "grpo"), max_steps=1,
-        init=str(tmp_path / "sft" / "run" / "best")))
+    grpo = replace(sft, grpo=GRPOConfig(group_size=2), decoding=DecodingConfig(max_new_tokens=4),
+                   train=replace(sft.train, output_dir=str(tmp_path / "grpo"), max_steps=1,
+                                 init=str(tmp_path / "sft" / "run" / "best")))
     err = stage("grpo", grpo, tmp_path, capsys)
     assert json.loads((tmp_path / "grpo" / "skips.json").read_text()) == expected
     assert f"grpo, dev data: skipped {sum(dev_planted.values())} row(s): " in err

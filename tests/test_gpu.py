@@ -45,10 +45,10 @@ def test_speech_llm_under_cuda_autocast_scores_in_bf16_close_to_fp32(tiny_model,
     targets = torch.tensor([[7, 8, 9, eos], [10, 11, eos, pad]])
     mask = torch.tensor([[True, True, True, True], [True, True, True, False]])
     with torch.no_grad():
-        fp32 = token_logprobs(model(feats, lengths, targets, mask), targets.to(cuda),
+        fp32 = token_logprobs(model(feats, lengths, targets, mask).logits, targets.to(cuda),
                               mask.to(cuda))
         with autocast(cuda, "auto"):
-            logits = model(feats, lengths, targets, mask)
+            logits = model(feats, lengths, targets, mask).logits
         assert logits.dtype == torch.bfloat16  # the LLM ran under autocast
         bf16 = token_logprobs(logits, targets.to(cuda), mask.to(cuda))
     # token_logprobs works in float32 whatever the logits; bf16 keeps ~3 significant digits of

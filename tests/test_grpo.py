@@ -13,9 +13,15 @@ import torch
 from safetensors.torch import load_file
 from test_train import run_config, write_tone_corpus
 
-from speechrl.config import GRPOConfig
+from speechrl.config import DECODING, DecodingConfig, GRPOConfig
 from speechrl.train import grpo as grpo_stage
-from speechrl.train.grpo import Rollout, build_reward_fn, collect_rollouts, resolve_algorithm
+from speechrl.train.grpo import (
+    Rollout,
+    StepSettings,
+    build_reward_fn,
+    collect_rollouts,
+    resolve_algorithm,
+)
 
 
 def test_presets_fill_only_unset_switches():
@@ -50,10 +56,8 @@ def fake_rollout(rewards: list[list[float]], first_id: int) -> Rollout:
     )
 
 
-class FakeRun:
-    def __init__(self, grpo: GRPOConfig):
-        self.cfg = type("Cfg", (), {"grpo": resolve_algorithm(grpo)})()
-        self.device = torch.device("cpu")
+def step_settings(grpo: GRPOConfig) -> StepSettings:
+    return StepSettings(resolve_algorithm(grpo), DECODING, torch.device("cpu"))
 
 
 class FakeBatch:
@@ -73,9 +77,9 @@ def test_dynamic_sampling_drops_uninformative_groups_and_refills(monkeypatch):
         fake_rollout([[0, 0], [0, 1], [1, 0], [0.2, 0.1]], first_id=4),
     ])
     monkeypatch.setattr(grpo_stage, "sample_groups", lambda *a, **k: next(draws))
-    run = FakeRun(GRPOConfig(algorithm="dapo", group_size=2, max_refill_rounds=3))
+    settings = step_settings(GRPOConfig(algorithm="dapo", group_size=2, max_refill_rounds=3))
     batches = iter([FakeBatch(4), FakeBatch(4)])
-    rollout, stats = collect_rollouts(run, None, batches, None, None, None)
+    rollout, stats = collect_rollouts(settings, None, batches, None, None, None)
     assert rollout.speech_inputs.flatten().tolist() == [0, 2, 5, 6]
     assert rollout.rewards.tolist() == [[0, 1], [0.5, 0], [0, 1], [1, 0]]
     assert stats["audios_drawn"] == 8 and stats["zero_std_share"] == 3 / 8
@@ -84,8 +88,8 @@ def test_dynamic_sampling_drops_uninformative_groups_and_refills(monkeypatch):
 def test_without_dynamic_sampling_all_groups_are_kept(monkeypatch):
     monkeypatch.setattr(grpo_stage, "sample_groups",
                         lambda *a, **k: fake_rollout([[1, 1], [0, 1]], first_id=0))
-    run = FakeRun(GRPOConfig(algorithm="grpo", group_size=2))
-    rollout, stats = collect_rollouts(run, None, iter([FakeBatch(2)]), None, None, None)
+    settings = step_settings(GRPOConfig(algorithm="grpo", group_size=2))
+    rollout, stats = collect_rollouts(settings, None, iter([FakeBatch(2)]), None, None, None)
     assert rollout.num_audios == 2 and stats["zero_std_share"] == 0.5
 
 
@@ -176,10 +180,12 @@ def mean_change(before: np.ndarray, after: np.ndarray):
     return paired_bootstrap(before, after, np.ones_like(before))[0]
 
 
-def grpo_config(root: Path, corpus, model_cfg, sft: Path, name: str, **grpo):
+def grpo_config(root: Path, corpus, model_cfg, sft: Path, name: str,
+                tokens_per_second: float = DECODING.tokens_per_second, **grpo):
     cfg = run_config(root / name, corpus, model_cfg, init=str(sft), lr=1e-3, batch_size=8,
                      max_steps=grpo.pop("max_steps", 100), eval_every=1000, save_every=1000)
-    return dataclasses.replace(cfg, grpo=GRPOConfig(group_size=8, max_new_tokens=16, **grpo))
+    decoding = DecodingConfig(max_new_tokens=16, tokens_per_second=tokens_per_second)
+    return dataclasses.replace(cfg, grpo=GRPOConfig(group_size=8, **grpo), decoding=decoding)
 
 
 @pytest.fixture(scope="module")
@@ -252,8 +258,8 @@ def test_shuffled_rewards_teach_clearly_less(learning):
     end significantly above the control."""
     run, sampled, before = learning.run, learning.sampled, learning.before
     real = sampled(run("grpo", algorithm="grpo"))
-    control = sampled(run("control", reward_fn=lambda grpo: rolled_references(
-        build_reward_fn(grpo), grpo.group_size), algorithm="grpo"))
+    control = sampled(run("control", reward_fn=lambda grpo, decoding: rolled_references(
+        build_reward_fn(grpo, decoding), grpo.group_size), algorithm="grpo"))
     report("control (rolled references) expected -WER", before["wer"], control)
     line = report("real run against the control", control, real)
     assert mean_change(control, real).low > 0, line

@@ -347,7 +347,7 @@ def test_sft_grpo_eval_transcribe(row, built, corpus, tmp_path, capsys):
             "data.max_duration=30"]
     steps = ["train.max_steps=2", "train.batch_size=3", "train.warmup_steps=0",
              "train.log_every=1", "train.eval_every=1000", "train.save_every=1000",
-             "train.dev_utterances=2", "grpo.group_size=2", "grpo.max_new_tokens=4"]
+             "train.dev_utterances=2", "grpo.group_size=2", "decoding.max_new_tokens=4"]
     sft_dir, grpo_dir = tmp_path / "sft", tmp_path / "grpo"
     run_cli("sft", "--config", "whisper-qwen", *overrides, *data, *steps,
             f"train.output_dir={sft_dir}")
@@ -393,7 +393,8 @@ def check_prompt_tokens(tokenizer, layout: TokenizerLayout) -> None:
 
 
 def test_whisper_qwen_preset_parses_and_names_what_it_needs(tmp_path, monkeypatch):
-    from speechrl.config import InputError, check_stage, load_run_config
+    from speechrl.config import InputError, load_run_config
+    from speechrl.preflight import check_stage
 
     monkeypatch.chdir(tmp_path)
     sft = load_run_config("whisper-qwen", ["data.train=[train.jsonl]"], stage="sft")

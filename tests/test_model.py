@@ -122,6 +122,8 @@ def test_forward_with_speech_ctc_reads_the_speech_through_the_input_embeddings(t
     targets, target_mask = targets_for(tiny_model)
     with torch.no_grad():
         plain = tiny_model(feats, feat_lengths, targets, target_mask)
+        assert (plain.speech_ctc_logits, plain.speech_lengths) == (None, None)
+        plain = plain.logits
         logits, ctc_logits, lengths = tiny_model(feats, feat_lengths, targets, target_mask,
                                                  with_speech_ctc=True)
         speech, speech_lengths = tiny_model.encode_speech(feats, feat_lengths)
@@ -240,7 +242,7 @@ def test_frozen_encoder_is_bit_identical_after_an_optimizer_step(
     projector_before = model.projector.net.weight.detach().clone()
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-2)
     targets, target_mask = targets_for(model, TEXTS[:2])
-    logits = model(feats, feat_lengths, targets, target_mask)
+    logits = model(feats, feat_lengths, targets, target_mask).logits
     nn.functional.cross_entropy(logits[target_mask], targets[target_mask]).backward()
     optimizer.step()
     assert all(

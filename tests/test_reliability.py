@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import load_file
 from test_train import assert_same_checkpoint, run_config, stop_after, write_tone_corpus
 
-from speechrl.config import GRPOConfig, RunConfig, to_dict
+from speechrl.config import DecodingConfig, GRPOConfig, RunConfig, to_dict
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,8 @@ def grpo_config(root: Path, corpus, model_cfg, init: Path, **train) -> RunConfig
                     lr=1e-3, init=str(init))
     settings.update(train)
     cfg = run_config(root, corpus, model_cfg, **settings)
-    return dataclasses.replace(cfg, grpo=GRPOConfig(group_size=4, max_new_tokens=8))
+    return dataclasses.replace(cfg, grpo=GRPOConfig(group_size=4),
+                               decoding=DecodingConfig(max_new_tokens=8))
 
 
 def start(stage: str, cfg: RunConfig, folder: Path) -> subprocess.Popen:

@@ -77,7 +77,7 @@ def candidates(B: int, G: int, vocab: int, seed: int = 1):
 def logprobs_and_grads(model: SpeechLLM, batch, G: int, shared: bool):
     feats, lengths, tokens, mask, weights = batch
     model.zero_grad(set_to_none=True)
-    logits = model(feats, lengths, tokens, mask, group_size=G, shared_prompt=shared)
+    logits = model(feats, lengths, tokens, mask, group_size=G, shared_prompt=shared).logits
     logp = token_logprobs(logits, tokens, mask)
     (logp * weights).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -131,16 +131,16 @@ def test_each_candidate_is_scored_against_its_own_audio(llm_dirs, tiny_tokenizer
     feats, lengths, tokens, mask, _ = candidates(B, G, model.tokenizer.vocab_size)
     with torch.no_grad():
         grouped = token_logprobs(model(feats, lengths, tokens, mask, group_size=G,
-                                       shared_prompt=shared), tokens, mask)
+                                       shared_prompt=shared).logits, tokens, mask)
         for row in range(B * G):
             b = row // G
             alone = token_logprobs(model(feats[b : b + 1, : lengths[b]], lengths[b : b + 1],
-                                         tokens[row : row + 1], mask[row : row + 1]),
+                                         tokens[row : row + 1], mask[row : row + 1]).logits,
                                    tokens[row : row + 1], mask[row : row + 1])
             torch.testing.assert_close(grouped[row : row + 1], alone, rtol=0, atol=1e-5)
         # The check can tell the audios apart: candidate 1 scored against audio 1 differs.
         wrong = token_logprobs(model(feats[1:2, : lengths[1]], lengths[1:2], tokens[1:2],
-                                     mask[1:2]), tokens[1:2], mask[1:2])
+                                     mask[1:2]).logits, tokens[1:2], mask[1:2])
         assert (wrong - grouped[1:2]).abs().max() > 1e-3
 
 
@@ -177,17 +177,17 @@ def test_grpo_update_gradients_equal_with_and_without_the_shared_prompt(
     shared_flags: list[bool] = []
     real_update = stage.policy_update
 
-    def spy_update(run, policy, optimizer, rollout, advantages, counts):
-        shared_flags.append(run.cfg.grpo.shared_prompt)
+    def spy_update(settings, policy, optimizer, rollout, advantages, counts):
+        shared_flags.append(settings.grpo.shared_prompt)
         original_step = optimizer.step
 
         def record_then_step(*a, **k):
-            grads.setdefault(run.cfg.grpo.shared_prompt, {
+            grads.setdefault(settings.grpo.shared_prompt, {
                 n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None})
             return original_step(*a, **k)
 
         optimizer.step = record_then_step
-        return real_update(run, policy, optimizer, rollout, advantages, counts)
+        return real_update(settings, policy, optimizer, rollout, advantages, counts)
 
     monkeypatch.setattr(stage, "policy_update", spy_update)
     for shared in (False, True):

@@ -25,6 +25,7 @@ from speechrl.config import (
     ModelConfig,
     ProjectorConfig,
     RunConfig,
+    SFTConfig,
     TrainConfig,
 )
 
@@ -66,6 +67,8 @@ def tone_corpus(tmp_path_factory) -> dict[str, Path]:
 
 
 def run_config(tmp_path: Path, corpus, model_cfg: ModelConfig, **train) -> RunConfig:
+    """``train`` holds TrainConfig's settings, and SFTConfig's (``speech_ctc_weight``, ...)."""
+    sft = {name: train.pop(name) for name in SFTConfig.__dataclass_fields__ if name in train}
     defaults = dict(output_dir=str(tmp_path / "run"), lr=3e-3, warmup_steps=2, max_steps=20,
                     log_every=1, eval_every=1000, save_every=1000, dev_utterances=8,
                     schedule="constant", seed=0)
@@ -75,6 +78,7 @@ def run_config(tmp_path: Path, corpus, model_cfg: ModelConfig, **train) -> RunCo
         data=DataConfig(train=(str(corpus["train"]),), dev=(str(corpus["dev"]),),
                         max_duration=8.0),
         train=TrainConfig(**defaults),
+        sft=SFTConfig(**sft),
         lm=LMConfig(vocab_size=300, max_length=64),
     )
 
@@ -302,7 +306,7 @@ def test_sft_speech_ctc_weight_trains_the_projector_on_the_ctc_loss(tmp_path, to
     b = load_file(str(ctc / "model.safetensors"))
     assert not torch.equal(a["projector.net.weight"], b["projector.net.weight"])
     assert np.mean(ctc_losses[-5:]) < 0.8 * np.mean(ctc_losses[:5])
-    with pytest.raises(ValueError, match=r"train.speech_ctc_weight=-0.5 must be >= 0"):
+    with pytest.raises(ValueError, match=r"sft.speech_ctc_weight=-0.5 must be >= 0"):
         run("negative", -0.5, 1)
 
 def test_lm_pretraining_loss_falls(tmp_path, tone_corpus):
@@ -392,8 +396,9 @@ def test_dev_evaluation_encodes_each_batch_once_with_the_same_results(tone_corpu
             targets, mask = encode_targets(model.tokenizer, batch.texts, run.device)
             speech, speech_lengths = model.encode_speech(batch.inputs, batch.input_lengths)
             logits = model.target_logits(speech, speech_lengths, targets, mask)
-            options = DecodingOptions(strategy="greedy", max_new_tokens=cfg.grpo.max_new_tokens)
-            caps = max_tokens_for_duration(batch.durations, cfg.grpo.tokens_per_second,
+            options = DecodingOptions(strategy="greedy",
+                                      max_new_tokens=cfg.decoding.max_new_tokens)
+            caps = max_tokens_for_duration(batch.durations, cfg.decoding.tokens_per_second,
                                            floor=8, cap=options.max_new_tokens)
             texts = generate(model, batch.inputs, batch.input_lengths, options,
                              max_new_tokens=caps).texts
@@ -406,7 +411,9 @@ def test_dev_evaluation_encodes_each_batch_once_with_the_same_results(tone_corpu
     real = model.encode_speech
     model.encode_speech = lambda inputs, lengths: encoded.append(len(inputs)) or real(inputs,
                                                                                        lengths)
-    assert _dev_shard(model, loader, run, "whisper") == (loss_sum, token_sum, refs, hyps)
+    assert cfg.decoding.normalizer == "whisper"
+    assert _dev_shard(model, loader, cfg.decoding, run.device, cfg.train.precision) == (
+        loss_sum, token_sum, refs, hyps)
     assert encoded == [3, 3, 2]  # one encoder pass per dev batch
     assert any(hyps) and token_sum > 8  # the comparison is over real transcripts
 
@@ -446,7 +453,9 @@ def test_accumulated_micro_batches_give_the_whole_batch_gradient(tone_corpus, ti
         train = dataclasses.replace(cfg.train, grad_accum=grad_accum)
         run = SimpleNamespace(cfg=dataclasses.replace(cfg, train=train),
                               device=torch.device("cpu"))
-        stats = sft_step(run, model, RecordingOptimizer(), iter(loader), TrainerState())
+        no_schedule = SimpleNamespace(step=lambda: None)
+        stats = sft_step(run, model, RecordingOptimizer(), no_schedule, iter(loader),
+                         TrainerState())
         return stats, grads, list(loader)
 
     # The 8 dev utterances in evaluation order (longest first, no shuffling): one batch of 8,

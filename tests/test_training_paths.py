@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from test_train import run_config, write_tone_corpus
 
-from speechrl.config import GRPOConfig, LoraConfig, RunConfig
+from speechrl.config import DecodingConfig, GRPOConfig, LoraConfig, RunConfig
 
 SFT_STEPS = 300
 
@@ -48,9 +48,9 @@ def grpo_run(corpus, model_cfg, init: Path, name: str, **grpo) -> RunConfig:
     train = dict(max_steps=grpo.pop("max_steps", 2), lr=grpo.pop("lr", 1e-3), batch_size=4)
     cfg = run_config(corpus["root"] / name, corpus, model_cfg, init=str(init), warmup_steps=0,
                      eval_every=10_000, save_every=10_000, **train)
+    decoding = DecodingConfig(max_new_tokens=grpo.pop("max_new_tokens", 12))
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dev=()),
-                               grpo=GRPOConfig(**{"group_size": 4, "max_new_tokens": 12,
-                                                  **grpo}))
+                               decoding=decoding, grpo=GRPOConfig(**{"group_size": 4, **grpo}))
 
 
 def logged(folder: Path) -> list[dict]:
@@ -164,10 +164,10 @@ def test_grpo_mask_truncated_leaves_cut_candidates_out_of_the_gradient(
     real_update = stage.policy_update
     lengths = {}
 
-    def measure(run, policy, optimizer, rollout, advantages, counts):
+    def measure(settings, policy, optimizer, rollout, advantages, counts):
         lengths["finished"] = rollout.mask.sum(1)[rollout.finished].tolist()
         lengths["longest"] = int(rollout.mask.sum(1).max())
-        return real_update(run, policy, optimizer, rollout, advantages, counts)
+        return real_update(settings, policy, optimizer, rollout, advantages, counts)
 
     monkeypatch.setattr(stage, "policy_update", measure)
     stage.train_grpo(grpo_run(corpus, tiny_model_config_module, sft_model, "uncut",
@@ -176,26 +176,26 @@ def test_grpo_mask_truncated_leaves_cut_candidates_out_of_the_gradient(
     cap = int(min(lengths["finished"]))
     assert cap < lengths["longest"], lengths
 
-    def gradient(run, policy, rollout, advantages, counts) -> dict[str, torch.Tensor]:
+    def gradient(settings, policy, rollout, advantages, counts) -> dict[str, torch.Tensor]:
         still = torch.optim.SGD(policy.parameters(), lr=0.0)  # step() changes nothing
-        assert real_update(run, policy, still, rollout, advantages, counts) is not None
+        assert real_update(settings, policy, still, rollout, advantages, counts) is not None
         return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
 
-    def spy(run, policy, optimizer, rollout, advantages, counts):
+    def spy(settings, policy, optimizer, rollout, advantages, counts):
         if not grads:
             cut, done = ~rollout.finished, rollout.finished
             grads["rollout"] = (rollout.mask.clone(), cut.clone())
-            grads["as is"] = gradient(run, policy, rollout, advantages, counts)
+            grads["as is"] = gradient(settings, policy, rollout, advantages, counts)
             scrambled = dataclasses.replace(rollout, tokens=torch.where(
                 cut[:, None], torch.randint_like(rollout.tokens, 5, 200), rollout.tokens))
-            grads["cut changed"] = gradient(run, policy, scrambled,
+            grads["cut changed"] = gradient(settings, policy, scrambled,
                                             torch.where(cut, -5.0 * advantages.sign() - 1.0,
                                                         advantages), counts)
             first_done = int(done.nonzero()[0])
             other = advantages.clone()
             other[first_done] += 3.0
-            grads["finished changed"] = gradient(run, policy, rollout, other, counts)
-        return real_update(run, policy, optimizer, rollout, advantages, counts)
+            grads["finished changed"] = gradient(settings, policy, rollout, other, counts)
+        return real_update(settings, policy, optimizer, rollout, advantages, counts)
 
     monkeypatch.setattr(stage, "policy_update", spy)
     cfg = grpo_run(corpus, tiny_model_config_module, sft_model, "truncated", max_new_tokens=cap,

@@ -1,5 +1,5 @@
 """What every training loop shares: a stage's run (config, output folder, device, logger), the
-step's ending (backward, clipping, the optimizer step or a skipped non-finite one), batches
+step's ending (a taken or a skipped non-finite step counted, the schedule advanced), batches
 across epochs, targets, and the report of skipped rows.
 
 Each stage (``lm.py``, ``ctc.py``, ``sft.py``, ``grpo.py``) keeps its own explicit loop and calls
@@ -25,7 +25,7 @@ from speechrl import checkpoint, distributed
 from speechrl.config import RunConfig, TrainConfig, to_dict
 from speechrl.distributed import World
 from speechrl.runtime import MetricsLogger, announce_precision, gather_skips, say, seed_everything
-from speechrl.train.optim import clip_and_check
+from speechrl.train.optim import clipped_step
 from speechrl.train.resume import TrainerState, check_resumed_settings
 
 
@@ -33,25 +33,30 @@ def pretraining_update(run: Run, model: torch.nn.Module, optimizer, scheduler,
                        state: TrainerState, bar, loss: torch.Tensor) -> None:
     """The rest of a pre-training step (LM, CTC) once this rank's share of the loss is known:
     backward, scaled by the world size because DDP / FSDP2 average gradients over ranks; the
-    loss summed over ranks; clipping; the optimizer step, or, when the loss or the gradient is
-    non-finite, a skipped step counted as in SFT and GRPO (the loop's :func:`stop_if_needed`
-    stops the run after ``train.max_nonfinite_steps`` in a row); the schedule, the step count,
-    the progress bar and the log."""
+    loss summed over ranks; the update's and the step's ends as in SFT and GRPO
+    (:func:`~speechrl.train.optim.clipped_step`, :func:`end_step`); the progress bar and the
+    log."""
     (loss * distributed.world_size()).backward()
     loss_value = distributed.all_reduce_sum([loss.item()])[0]
-    grad_norm, finite = clip_and_check(model, run.cfg.train.grad_clip)
-    if finite and math.isfinite(loss_value):
-        optimizer.step()
-        state.nonfinite_in_row = 0
-    else:
-        skip_nonfinite(run, state, optimizer)
-    scheduler.step()
-    state.step += 1
+    grad_norm, taken = clipped_step(model, optimizer, run.cfg.train.grad_clip,
+                                    loss_finite=math.isfinite(loss_value))
+    end_step(run, state, optimizer, scheduler, taken)
     bar.update(1)
     if state.step % run.cfg.train.log_every == 0:
         run.logger.log(state.step, {"loss": loss_value, "grad_norm": grad_norm,
                                     "lr": scheduler.get_last_lr()[0]}, prefix="train/")
         bar.set_postfix(loss=f"{loss_value:.3f}")
+
+
+def end_step(run: Run, state: TrainerState, optimizer, scheduler, taken: bool) -> None:
+    """How every stage's step ends: a taken step ends any run of non-finite ones, a skipped one
+    is counted (:func:`skip_nonfinite`); then the schedule advances and the step count."""
+    if taken:
+        state.nonfinite_in_row = 0
+    else:
+        skip_nonfinite(run, state, optimizer)
+    scheduler.step()
+    state.step += 1
 
 
 def skip_nonfinite(run: Run, state: TrainerState, optimizer) -> None:

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from speechrl import checkpoint, distributed
-from speechrl.config import RunConfig, check_stage
+from speechrl.config import RunConfig
+from speechrl.preflight import check_stage
 from speechrl.runtime import autocast, progress, say
 from speechrl.train.common import (
     Run,

@@ -48,25 +48,40 @@ from pathlib import Path
 import torch
 
 from speechrl import distributed
-from speechrl.config import GRPOConfig, RunConfig, check_stage
+from speechrl.config import DecodingConfig, GRPOConfig, RunConfig
 from speechrl.losses import PRESETS, group_advantages, informative_groups, policy_loss
+from speechrl.preflight import check_stage
 from speechrl.runtime import autocast, progress, say
 from speechrl.train.common import (
     Run,
+    end_step,
     endless_batches,
     report_skips,
-    skip_nonfinite,
     start_run,
     track_skips,
 )
-from speechrl.train.optim import build_optimizer, build_scheduler, clip_and_check
+from speechrl.train.optim import build_optimizer, build_scheduler, clipped_step
 from speechrl.train.resume import (
     TrainerState,
     maybe_resume,
     prepare_model,
     save_training_checkpoint,
 )
-from speechrl.train.speech import dev_evaluation, keep_if_best, load_or_build_model, speech_loaders
+from speechrl.train.rollout import (
+    Rollout,
+    concat_rollouts,
+    pad_candidates,
+    pad_width,
+    rollout_stats,
+    select_audios,
+)
+from speechrl.train.speech import (
+    decoding_caps,
+    dev_evaluation,
+    keep_if_best,
+    load_or_build_model,
+    speech_loaders,
+)
 from speechrl.train.stopping import stop_if_needed, stop_on_signals
 
 
@@ -83,40 +98,22 @@ def resolve_algorithm(cfg: GRPOConfig) -> GRPOConfig:
     return dataclasses.replace(cfg, **filled)
 
 
-@dataclasses.dataclass
-class Rollout:
-    """G candidates for each of B audios, flattened audio-major: row b*G + g."""
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """What a GRPO step reads of its run: the algorithm with every switch resolved
+    (:func:`resolve_algorithm`), how candidates are decoded and scored, and where and in what
+    precision it computes."""
 
-    speech_inputs: torch.Tensor  # (B, N, F) or (B, S): the audio features
-    input_lengths: torch.Tensor  # (B,)
-    refs: list[str]  # (B,)
-    languages: list[str]  # (B,)
-    tokens: torch.Tensor  # (B*G, T) candidate ids (pad after eos)
-    mask: torch.Tensor  # (B*G, T) bool: tokens that carry loss
-    texts: list[str]  # (B*G,)
-    finished: torch.Tensor  # (B*G,) bool
-    rewards: torch.Tensor  # (B, G)
-    wers: torch.Tensor  # (B, G) candidate WER, logged whatever the reward
-    old_logp: torch.Tensor | None = None  # (B*G, T)
-    ref_logp: torch.Tensor | None = None  # (B*G, T)
-    # A frozen encoder's output (B, N', D_enc) and lengths (B,), computed once in the rollout
-    # and reused by every log-prob pass and update of the step; None: re-encode (trainable).
-    frames: torch.Tensor | None = None
-    frame_lengths: torch.Tensor | None = None
-    # The decoder's own log-prob of each candidate token when it was sampled (B*G, T): the
-    # update's log-probs should equal it up to rounding (logged as train/logp_gap).
-    sample_logp: torch.Tensor | None = None
+    grpo: GRPOConfig
+    decoding: DecodingConfig
+    device: torch.device
+    precision: str = "fp32"
+    grad_clip: float = 1.0
 
-    @property
-    def num_audios(self) -> int:
-        return len(self.refs)
-
-    def model_inputs(self) -> dict:
-        """What the speech-LLM's forward takes for this rollout's candidates, besides the
-        grouping: the audio (or its frozen encoder's frames, when kept) and the tokens."""
-        frames = None if self.frames is None else (self.frames, self.frame_lengths)
-        return {"inputs": self.speech_inputs, "lengths": self.input_lengths,
-                "targets": self.tokens, "target_mask": self.mask, "frames": frames}
+    @classmethod
+    def of(cls, cfg: RunConfig, device: torch.device) -> StepSettings:
+        return cls(resolve_algorithm(cfg.grpo), cfg.decoding, device, cfg.train.precision,
+                   cfg.train.grad_clip)
 
 
 def train_grpo(cfg: RunConfig) -> Path:
@@ -125,15 +122,17 @@ def train_grpo(cfg: RunConfig) -> Path:
     cfg = dataclasses.replace(cfg, grpo=grpo)
     run = start_run(cfg, "grpo")
     plain = load_or_build_model(cfg, run.device)
+    sharded = run.world.is_distributed and cfg.train.parallel == "fsdp2"
     reference = None
     if grpo.beta > 0:  # with beta = 0 the reference model is not even loaded
         reference = load_or_build_model(cfg, run.device).eval().requires_grad_(False)
-        if run.world.is_distributed and cfg.train.parallel == "fsdp2":
+        if sharded:
             reference = distributed.shard_model(reference)
-    shared = shared_prompt_choice(cfg, plain, run)
+    shared = shared_prompt_choice(grpo.shared_prompt, plain, sharded)
     if shared != grpo.shared_prompt:
         cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(grpo, shared_prompt=shared))
         grpo, run.cfg = cfg.grpo, cfg
+    settings = StepSettings.of(cfg, run.device)
     train_loader, dev_loader = speech_loaders(cfg, plain, run.world.rank, run.world.world_size)
     track_skips(run, train=train_loader, dev=dev_loader)  # skips.json even on an early stop
     policy = prepare_model(run, plain)  # resumed weights, then DDP / FSDP2 wrapping
@@ -141,7 +140,7 @@ def train_grpo(cfg: RunConfig) -> Path:
     scheduler = build_scheduler(optimizer, cfg.train)
     state = maybe_resume(run, policy, optimizer, scheduler)
     batches = endless_batches(train_loader, state)
-    reward_fn = build_reward_fn(grpo)
+    reward_fn = build_reward_fn(grpo, cfg.decoding)
 
     bar = progress(cfg.train.max_steps, state.step, f"grpo ({grpo.algorithm})")
     with bar, stop_on_signals() as stop:  # the bar closes also when a stopped run raises
@@ -149,10 +148,8 @@ def train_grpo(cfg: RunConfig) -> Path:
             # Sampling seeds derive from the seed and the step (and each audio's id), which keeps
             # a resumed run exact without saving any generator.
             step_seed = cfg.train.seed * 1_000_003 + state.step
-            stats = grpo_step(run, policy, reference, optimizer, batches, reward_fn, step_seed,
-                              state)
-            scheduler.step()
-            state.step += 1
+            stats = grpo_step(run, settings, policy, reference, optimizer, scheduler, batches,
+                              reward_fn, step_seed, state)
             bar.update(1)
             if stats is not None:
                 stats["lr"] = scheduler.get_last_lr()[0]
@@ -162,7 +159,8 @@ def train_grpo(cfg: RunConfig) -> Path:
                                 wer=f"{stats['sample_wer']:.3f}")
             end = state.step == cfg.train.max_steps
             if dev_loader is not None and (state.step % cfg.train.eval_every == 0 or end):
-                dev = dev_evaluation(policy, dev_loader, run, grpo.normalizer)
+                dev = dev_evaluation(policy, dev_loader, cfg.decoding, device=run.device,
+                                     precision=cfg.train.precision)
                 keep_if_best(run, policy, state, dev)
             if state.step % cfg.train.save_every == 0 or end:
                 save_training_checkpoint(run, policy, optimizer, scheduler, state)
@@ -173,14 +171,15 @@ def train_grpo(cfg: RunConfig) -> Path:
     return run.best_dir if run.best_dir.exists() else run.last_dir
 
 
-def shared_prompt_choice(cfg: RunConfig, model, run: Run) -> bool:
+def shared_prompt_choice(requested: bool, model, sharded: bool) -> bool:
     """Whether the log-prob passes and the update run each audio's prompt once for its G
-    candidates (``grpo.shared_prompt``, exact up to rounding), or once per candidate: the
-    fallback, said once, for a model or set-up the shared pass is not checked with."""
-    if not cfg.grpo.shared_prompt:
+    candidates (``requested``: ``grpo.shared_prompt``, exact up to rounding), or once per
+    candidate: the fallback, said once, for a model or set-up (``sharded``: FSDP2 over several
+    ranks) the shared pass is not checked with."""
+    if not requested:
         return False
     why = model.shared_prompt_unsupported()
-    if why is None and run.world.is_distributed and cfg.train.parallel == "fsdp2":
+    if why is None and sharded:
         why = "FSDP2 sharding"
     if why is not None:
         say(f"grpo: {why}: the prompt runs once per candidate (grpo.shared_prompt off)")
@@ -188,37 +187,39 @@ def shared_prompt_choice(cfg: RunConfig, model, run: Run) -> bool:
     return True
 
 
-def build_reward_fn(grpo: GRPOConfig):
+def build_reward_fn(grpo: GRPOConfig, decoding: DecodingConfig):
     from speechrl.rewards import build_reward
 
-    return build_reward(grpo.reward, normalizer=grpo.normalizer)
+    return build_reward(grpo.reward, normalizer=decoding.normalizer)
 
 
-def grpo_step(run: Run, policy, reference, optimizer, batches, reward_fn, step_seed: int,
-              state: TrainerState) -> dict | None:
-    grpo = run.cfg.grpo
+def grpo_step(run: Run, settings: StepSettings, policy, reference, optimizer, scheduler, batches,
+              reward_fn, step_seed: int, state: TrainerState) -> dict | None:
+    """Rollout, log-prob passes, ``num_iterations`` updates and the schedule's step; the stats
+    to log, or None when an update was skipped as non-finite (counted in ``state``)."""
+    grpo = settings.grpo
     timer = StepTimer()
     with timer("rollout_s"), distributed.full_parameters(policy) as plain:
-        rollout, rollout_stats = collect_rollouts(run, plain, batches, reward_fn, step_seed,
-                                                  timer)
+        rollout, figures = collect_rollouts(settings, plain, batches, reward_fn, step_seed,
+                                            timer)
     with timer("logprob_s"):
         if reference is not None:
-            rollout.ref_logp = candidate_logprobs(run, reference, rollout)
+            rollout.ref_logp = candidate_logprobs(settings, reference, rollout)
         if grpo.num_iterations > 1:
-            rollout.old_logp = candidate_logprobs(run, policy, rollout)
+            rollout.old_logp = candidate_logprobs(settings, policy, rollout)
     advantages = step_advantages(rollout.rewards, grpo.scale).flatten()  # (B*G,)
     counts = loss_counts(rollout.mask)
 
     stats: dict[str, float] = {}
     with timer("update_s"):
         for _ in range(grpo.num_iterations):
-            update = policy_update(run, policy, optimizer, rollout, advantages, counts)
+            update = policy_update(settings, policy, optimizer, rollout, advantages, counts)
             if update is None:
-                skip_nonfinite(run, state, optimizer)
+                end_step(run, state, optimizer, scheduler, taken=False)
                 return None
             stats = update
-    state.nonfinite_in_row = 0
-    stats.update(rollout_stats)
+    end_step(run, state, optimizer, scheduler, taken=True)
+    stats.update(figures)
     # Scoring happens inside the rollout phase; report the two apart.
     timer.times["rollout_s"] -= timer.times.get("scoring_s", 0.0)
     stats.update(timer.times)
@@ -229,21 +230,21 @@ def grpo_step(run: Run, policy, reference, optimizer, batches, reward_fn, step_s
 
 
 @torch.no_grad()
-def collect_rollouts(run: Run, policy, batches, reward_fn, step_seed: int | None,
-                     timer) -> tuple[Rollout, dict]:
+def collect_rollouts(settings: StepSettings, policy, batches, reward_fn, step_seed: int | None,
+                     timer: StepTimer) -> tuple[Rollout, dict]:
     """Sample and score groups; DAPO's dynamic sampling drops groups whose rewards are all equal
     (they carry no advantage) and draws more audios, at most ``max_refill_rounds`` times, until
     the ranks together hold as many informative audios as they drew at first."""
-    grpo = run.cfg.grpo
+    grpo = settings.grpo
     parts: list[Rollout] = []
     kept = drawn = zero_std = 0
     target = global_target = None
     for _ in range(1 + (grpo.max_refill_rounds if grpo.dynamic_sampling else 0)):
-        batch = next(batches).to(run.device)
+        batch = next(batches).to(settings.device)
         if target is None:
             target = len(batch.texts)
             global_target = distributed.all_reduce_sum([target])[0]
-        part = sample_groups(run, policy, batch, reward_fn, step_seed, timer)
+        part = sample_groups(settings, policy, batch, reward_fn, step_seed, timer)
         informative = informative_groups(part.rewards)
         drawn += part.num_audios
         zero_std += int((~informative).sum())
@@ -260,7 +261,7 @@ def collect_rollouts(run: Run, policy, batches, reward_fn, step_seed: int | None
     standin = False
     if rollout.num_audios == 0:  # every group was uninformative: the update is a no-op
         rollout = parts[-1] if parts[-1].num_audios else sample_groups(
-            run, policy, next(batches).to(run.device), reward_fn, step_seed, timer)
+            settings, policy, next(batches).to(settings.device), reward_fn, step_seed, timer)
         # When other ranks hold informative groups, this rank's stand-in adds nothing to the
         # loss, its normalisers or the figures (it still runs the update: the ranks' gradient
         # all-reduce needs every rank).
@@ -285,32 +286,6 @@ def kept_share(kept: int, target: int) -> int:
     return keep[distributed.rank()]
 
 
-def rollout_stats(rollout: Rollout, drawn: int, zero_std: int,
-                  counted: bool = True) -> dict[str, float]:
-    """Reward, WER, length and truncation figures of the step's rollouts over all ranks; a
-    rank's stand-in rollout (``counted=False``) adds nothing."""
-    r = rollout.rewards.double().flatten()  # (B*G,)
-    local = [r.numel(), r.sum().item(), (r * r).sum().item(), rollout.wers.sum().item(),
-             rollout.mask.sum().item(), (~rollout.finished).sum().item(), rollout.num_audios]
-    if not counted:
-        local = [0] * len(local)
-    n, r_sum, r_sq, wer_sum, len_sum, trunc_sum, audios, drawn, zero_std = (
-        distributed.all_reduce_sum([*local, drawn, zero_std]))
-    mean = r_sum / max(n, 1)
-    # Bessel's correction, as torch.std over the whole batch's rewards.
-    var = (r_sq - n * mean * mean) / (n - 1) if n > 1 else 0.0
-    return {
-        "reward_mean": mean,
-        "reward_std": max(var, 0.0) ** 0.5,
-        "sample_wer": wer_sum / max(n, 1),
-        "zero_std_share": zero_std / max(drawn, 1),
-        "audios": audios,
-        "audios_drawn": drawn,
-        "candidate_len": len_sum / max(n, 1),
-        "truncated_share": trunc_sum / max(n, 1),
-    }
-
-
 def audio_generators(step_seed: int, ids: list[str]) -> list[torch.Generator]:
     """One CPU generator per audio, seeded by the step and the utterance id: an audio's
     candidates are the same whichever rank, and whichever batch, samples it."""
@@ -321,12 +296,14 @@ def audio_generators(step_seed: int, ids: list[str]) -> list[torch.Generator]:
     return generators
 
 
-def sample_groups(run: Run, policy, batch, reward_fn, step_seed: int | None,
-                  timer) -> Rollout:
+def sample_groups(settings: StepSettings, policy, batch, reward_fn, step_seed: int | None,
+                  timer: StepTimer) -> Rollout:
+    """G candidates for each audio of ``batch``, scored by ``reward_fn``; sampled with each
+    audio's own generator (:func:`audio_generators`) unless ``step_seed`` is None."""
     from speechrl.generate import DecodingOptions, generate_from_speech
     from speechrl.metrics import error_counts
 
-    grpo = run.cfg.grpo
+    grpo, device = settings.grpo, settings.device
     G = grpo.group_size
     options = DecodingOptions(
         strategy=grpo.strategy,
@@ -336,13 +313,12 @@ def sample_groups(run: Run, policy, batch, reward_fn, step_seed: int | None,
         top_k=grpo.top_k,
         min_p=grpo.min_p,
         num_beams=grpo.num_beams or G,
-        max_new_tokens=grpo.max_new_tokens,
-        tokens_per_second=grpo.tokens_per_second,  # generate caps new tokens by duration
+        **decoding_caps(settings.decoding),  # generate caps new tokens by duration
     )
     policy.eval()
     generators = None if step_seed is None else audio_generators(step_seed, list(batch.ids))
     frozen = not any(p.requires_grad for p in policy.encoder.parameters())
-    with autocast(run.device, run.cfg.train.precision):
+    with autocast(device, settings.precision):
         # A frozen encoder runs once per step: its frames serve the rollout here and every
         # log-prob pass and update after it.
         frames, frame_lengths = policy.encoder(batch.inputs.to(policy.device),
@@ -357,98 +333,25 @@ def sample_groups(run: Run, policy, batch, reward_fn, step_seed: int | None,
         per_utt, _ = error_counts(reward_fn.normalize(refs, langs),
                                   reward_fn.normalize(result.texts, langs))
         wers = torch.tensor([c.wer for c in per_utt], dtype=torch.float32)
-    tokens, mask = pad_candidates(result.tokens, policy.tokenizer.pad_id, run.device)
+    tokens, mask = pad_candidates(result.tokens, policy.tokenizer.pad_id, device)
     if grpo.mask_truncated:
-        mask &= result.finished.to(run.device).unsqueeze(1)
+        mask &= result.finished.to(device).unsqueeze(1)
     B = len(batch.texts)
     return Rollout(
         speech_inputs=batch.inputs,
         input_lengths=batch.input_lengths,
         frames=frames.float() if frozen else None,
         frame_lengths=frame_lengths if frozen else None,
-        sample_logp=_pad_width(result.logprobs.to(run.device), tokens.shape[1]),
+        sample_logp=pad_width(result.logprobs.to(device), tokens.shape[1]),
         refs=list(batch.texts),
         languages=list(batch.languages),
         tokens=tokens,
         mask=mask,
         texts=list(result.texts),
-        finished=result.finished.to(run.device),
-        rewards=rewards.view(B, G).to(run.device),
+        finished=result.finished.to(device),
+        rewards=rewards.view(B, G).to(device),
         wers=wers.view(B, G),
     )
-
-
-def pad_candidates(tokens: list[list[int]], pad_id: int,
-                   device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad candidate ids: (B*G, T) ids and (B*G, T) mask. An empty candidate (cut at zero
-    tokens) keeps one pad position with mask False so shapes stay valid."""
-    width = max(1, max(len(t) for t in tokens))
-    ids = torch.full((len(tokens), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(tokens), width), dtype=torch.bool)
-    for i, t in enumerate(tokens):
-        ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        mask[i, : len(t)] = True
-    return ids.to(device), mask.to(device)
-
-
-def _pad_width(t: torch.Tensor, width: int) -> torch.Tensor:
-    """(R, T) -> (R, width): zero-padded on the right (or cut)."""
-    return torch.nn.functional.pad(t, (0, width - t.shape[1]))[:, :width]
-
-
-def select_audios(r: Rollout, keep: list[int]) -> Rollout:
-    G = r.rewards.shape[1]
-    rows = [b * G + g for b in keep for g in range(G)]
-    idx = torch.tensor(keep, dtype=torch.long, device=r.speech_inputs.device)
-    ridx = torch.tensor(rows, dtype=torch.long, device=r.tokens.device)
-    return Rollout(
-        speech_inputs=r.speech_inputs.index_select(0, idx),
-        input_lengths=r.input_lengths.index_select(0, idx),
-        frames=None if r.frames is None else r.frames.index_select(0, idx),
-        frame_lengths=None if r.frames is None else r.frame_lengths.index_select(0, idx),
-        sample_logp=None if r.sample_logp is None else r.sample_logp.index_select(0, ridx),
-        refs=[r.refs[b] for b in keep],
-        languages=[r.languages[b] for b in keep],
-        tokens=r.tokens.index_select(0, ridx),
-        mask=r.mask.index_select(0, ridx),
-        texts=[r.texts[i] for i in rows],
-        finished=r.finished.index_select(0, ridx),
-        rewards=r.rewards[keep],
-        wers=r.wers[keep],
-    )
-
-
-def concat_rollouts(parts: list[Rollout], G: int) -> Rollout:
-    parts = [p for p in parts if p.num_audios] or parts[:1]
-    if len(parts) == 1:
-        return parts[0]
-    kept = parts[0].frames is not None
-    return Rollout(
-        speech_inputs=_cat_padded([p.speech_inputs for p in parts]),
-        input_lengths=torch.cat([p.input_lengths for p in parts]),
-        frames=_cat_padded([p.frames for p in parts]) if kept else None,
-        frame_lengths=torch.cat([p.frame_lengths for p in parts]) if kept else None,
-        sample_logp=(_cat_padded([p.sample_logp for p in parts])
-                     if all(p.sample_logp is not None for p in parts) else None),
-        refs=sum((p.refs for p in parts), []),
-        languages=sum((p.languages for p in parts), []),
-        tokens=_cat_padded([p.tokens for p in parts], value=0),
-        mask=_cat_padded([p.mask for p in parts], value=False),
-        texts=sum((p.texts for p in parts), []),
-        finished=torch.cat([p.finished for p in parts]),
-        rewards=torch.cat([p.rewards for p in parts]),
-        wers=torch.cat([p.wers for p in parts]),
-    )
-
-
-def _cat_padded(tensors: list[torch.Tensor], value=0) -> torch.Tensor:
-    """Concatenate along dim 0, right-padding dim 1 to the widest."""
-    width = max(t.shape[1] for t in tensors)
-    padded = []
-    for t in tensors:
-        pad = [0, 0] * (t.dim() - 2) + [0, width - t.shape[1]]
-        padded.append(torch.nn.functional.pad(t, pad, value=value))
-    return torch.cat(padded)
 
 
 # --------------------------------------------------------------------------- update
@@ -475,7 +378,7 @@ def loss_counts(mask: torch.Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def candidate_logprobs(run: Run, model, rollout: Rollout) -> torch.Tensor:
+def candidate_logprobs(settings: StepSettings, model, rollout: Rollout) -> torch.Tensor:
     """Per-token log-probs (B*G, T) of every candidate under ``model`` (reference or old
     policy, possibly wrapped)."""
     from speechrl.model import token_logprobs
@@ -483,30 +386,31 @@ def candidate_logprobs(run: Run, model, rollout: Rollout) -> torch.Tensor:
     G = rollout.rewards.shape[1]
     was_training = model.training
     model.eval()
-    with autocast(run.device, run.cfg.train.precision):
+    with autocast(settings.device, settings.precision):
         logits = model(**rollout.model_inputs(), group_size=G,
-                       shared_prompt=run.cfg.grpo.shared_prompt)
+                       shared_prompt=settings.grpo.shared_prompt).logits
     model.train(was_training)
     return token_logprobs(logits, rollout.tokens, rollout.mask).float()
 
 
-def policy_update(run: Run, policy, optimizer, rollout: Rollout, advantages: torch.Tensor,
-                  counts: tuple[float, float]):
+def policy_update(settings: StepSettings, policy, optimizer, rollout: Rollout,
+                  advantages: torch.Tensor, counts: tuple[float, float]) -> dict | None:
     """One optimizer step on the whole rollout batch (eq. 3). ``counts``: (tokens, sequences)
     over all ranks, from :func:`loss_counts`. Returns stats, or None when the loss or the
     gradient is not finite (on any rank: all ranks then skip together)."""
-    grpo = run.cfg.grpo
+    grpo = settings.grpo
     G = grpo.group_size
     policy.train()
     optimizer.zero_grad(set_to_none=True)
-    with autocast(run.device, run.cfg.train.precision):
-        logits = policy(**rollout.model_inputs(), group_size=G, shared_prompt=grpo.shared_prompt)
+    with autocast(settings.device, settings.precision):
+        logits = policy(**rollout.model_inputs(), group_size=G,
+                        shared_prompt=grpo.shared_prompt).logits
     logits = logits.float()
     log_probs = torch.log_softmax(logits, dim=-1)
     logp = log_probs.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)  # (B*G, T)
     logp = logp.masked_fill(~rollout.mask, 0.0)
     old_logp = rollout.old_logp if rollout.old_logp is not None else logp.detach()
-    norm_len = grpo.max_new_tokens if grpo.agg == "seq_mean_token_sum_norm" else None
+    norm_len = settings.decoding.max_new_tokens if grpo.agg == "seq_mean_token_sum_norm" else None
     loss, stats = policy_loss(
         logp, old_logp, advantages, rollout.mask,
         ref_logp=rollout.ref_logp, beta=grpo.beta, eps_low=grpo.eps_low,
@@ -517,10 +421,9 @@ def policy_update(run: Run, policy, optimizer, rollout: Rollout, advantages: tor
         return None
     # DDP and FSDP2 average gradients over ranks; each rank's loss is its share of the sum.
     (loss * distributed.world_size()).backward()
-    grad_norm, finite = clip_and_check(policy, run.cfg.train.grad_clip)
-    if not finite:
+    grad_norm, taken = clipped_step(policy, optimizer, settings.grad_clip)
+    if not taken:
         return None
-    optimizer.step()
     with torch.no_grad():
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         entropy = (entropy * rollout.mask).sum() / rollout.mask.sum().clamp(min=1)

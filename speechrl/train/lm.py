@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from speechrl import checkpoint, distributed
-from speechrl.config import RunConfig, check_stage
+from speechrl.config import RunConfig
 from speechrl.manifest import corpus_texts
+from speechrl.preflight import check_stage
 from speechrl.runtime import autocast, progress, say
 from speechrl.train.common import Run, pretraining_update, start_run
 from speechrl.train.optim import build_optimizer, build_scheduler

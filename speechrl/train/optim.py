@@ -1,4 +1,5 @@
-"""The optimizer and its schedule, and gradient clipping: the same for every stage."""
+"""The optimizer and its schedule, and the end of every update (clipping, then the optimizer
+step unless something is not finite): the same for every stage."""
 
 from __future__ import annotations
 
@@ -39,6 +40,19 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+def clipped_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float,
+                 loss_finite: bool = True) -> tuple[float, bool]:
+    """How every update ends: clip the gradients, then take the optimizer step unless the loss
+    (``loss_finite``) or the gradient norm is not finite. Returns (grad norm, whether the step
+    was taken); a skipped step's gradients are the caller's to drop
+    (:func:`speechrl.train.common.end_step` counts it)."""
+    grad_norm, finite = clip_and_check(model, max_norm)
+    if not (finite and loss_finite):
+        return grad_norm, False
+    optimizer.step()
+    return grad_norm, True
 
 
 def clip_and_check(model: torch.nn.Module, max_norm: float) -> tuple[float, bool]:

@@ -18,7 +18,7 @@ import torch
 
 from speechrl import checkpoint, distributed
 from speechrl.checkpoint import OPTIMIZER, TRAINER_STATE, CheckpointError
-from speechrl.config import ConfigError, RunConfig, TrainConfig, flatten, to_dict
+from speechrl.config import ConfigError, RunConfig, TrainConfig, flatten, renamed_keys, to_dict
 from speechrl.runtime import say
 from speechrl.train.optim import lr_factor
 
@@ -107,10 +107,11 @@ def check_resumed_settings(cfg: RunConfig, stage: str, output_dir: Path) -> None
     ``output_dir/last`` this one resumes. Changes of :data:`RESUMABLE_SETTINGS`, and of
     ``train.lr`` under a constant schedule, are said and kept (the record is rewritten with
     them); any other change raises :class:`~speechrl.config.ConfigError` naming each key, old
-    and new. A run with no readable record resumes as before."""
+    and new. A record written before options moved is read with their new names
+    (:data:`~speechrl.config.RENAMED_KEYS`). A run with no readable record resumes as before."""
     record = output_dir / f"{stage}_config.json"
     try:
-        old = flatten(json.loads(record.read_text()))
+        old = flatten(renamed_keys(json.loads(record.read_text())))
     except (OSError, ValueError, AttributeError):
         return
     new = flatten(to_dict(cfg))

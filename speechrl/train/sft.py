@@ -17,19 +17,20 @@ import math
 from pathlib import Path
 
 from speechrl import distributed
-from speechrl.config import RunConfig, check_stage
+from speechrl.config import RunConfig
 from speechrl.losses import sft_loss, speech_ctc_loss
+from speechrl.preflight import check_stage
 from speechrl.runtime import autocast, progress
 from speechrl.train.common import (
     Run,
     encode_targets,
+    end_step,
     endless_batches,
     report_skips,
-    skip_nonfinite,
     start_run,
     track_skips,
 )
-from speechrl.train.optim import build_optimizer, build_scheduler, clip_and_check
+from speechrl.train.optim import build_optimizer, build_scheduler, clipped_step
 from speechrl.train.resume import (
     TrainerState,
     maybe_resume,
@@ -57,14 +58,12 @@ def train_sft(cfg: RunConfig) -> Path:
     scheduler = build_scheduler(optimizer, cfg.train)
     state = maybe_resume(run, model, optimizer, scheduler)
     batches = endless_batches(train_loader, state)
-    cache = EncoderOutputCache(model, cfg) if cfg.train.cache_encoder_outputs else None
+    cache = EncoderOutputCache(model, cfg) if cfg.sft.cache_encoder_outputs else None
 
     bar = progress(cfg.train.max_steps, state.step, "sft")
     with bar, stop_on_signals() as stop:  # the bar closes also when a stopped run raises
         while state.step < cfg.train.max_steps:
-            stats = sft_step(run, model, optimizer, batches, state, cache)
-            scheduler.step()
-            state.step += 1
+            stats = sft_step(run, model, optimizer, scheduler, batches, state, cache)
             bar.update(1)
             if stats is not None and state.step % cfg.train.log_every == 0:
                 stats["lr"] = scheduler.get_last_lr()[0]
@@ -72,7 +71,8 @@ def train_sft(cfg: RunConfig) -> Path:
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}")
             end = state.step == cfg.train.max_steps
             if dev_loader is not None and (state.step % cfg.train.eval_every == 0 or end):
-                dev = dev_evaluation(model, dev_loader, run, cfg.grpo.normalizer)
+                dev = dev_evaluation(model, dev_loader, cfg.decoding, device=run.device,
+                                     precision=cfg.train.precision)
                 keep_if_best(run, model, state, dev)
             if state.step % cfg.train.save_every == 0 or end:
                 save_training_checkpoint(run, model, optimizer, scheduler, state)
@@ -83,18 +83,18 @@ def train_sft(cfg: RunConfig) -> Path:
     return run.best_dir if run.best_dir.exists() else run.last_dir
 
 
-def sft_step(run: Run, model, optimizer, batches, state: TrainerState,
+def sft_step(run: Run, model, optimizer, scheduler, batches, state: TrainerState,
              cache: EncoderOutputCache | None = None) -> dict | None:
     """One optimizer step over ``grad_accum`` batches, with the gradient of one batch holding
-    them all (each rank's and each micro-batch's token sum over the tokens of the whole step);
-    None when the step was skipped as non-finite (counted; the run stops after
-    ``max_nonfinite_steps`` in a row). ``cache`` supplies the frozen encoder's frames when
-    ``train.cache_encoder_outputs`` is on."""
+    them all (each rank's and each micro-batch's token sum over the tokens of the whole step),
+    and the schedule's; None when the step was skipped as non-finite (counted; the run stops
+    after ``max_nonfinite_steps`` in a row). ``cache`` supplies the frozen encoder's frames when
+    ``sft.cache_encoder_outputs`` is on."""
     cfg = run.cfg.train
     tokenizer = distributed.unwrap(model).tokenizer
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    ctc_weight = cfg.speech_ctc_weight
+    ctc_weight = run.cfg.sft.speech_ctc_weight
     total_loss, total_ctc = 0.0, 0.0
     # The step's tokens, in all grad_accum micro-batches over all ranks, normalise every
     # micro-batch's sum (eq. 2 over the step's whole batch): the gradient is that of one batch
@@ -109,29 +109,28 @@ def sft_step(run: Run, model, optimizer, batches, state: TrainerState,
                 frames = cache(model, batch) if cache is not None else None
                 out = model(batch.inputs, batch.input_lengths, targets, mask, frames=frames,
                             with_speech_ctc=ctc_weight > 0)
-            logits, ctc_logits, speech_lengths = out if ctc_weight > 0 else (out, None, None)
-            loss = sft_loss(logits.float(), targets, mask, num_tokens=max(tokens, 1))
+            loss = sft_loss(out.logits.float(), targets, mask, num_tokens=max(tokens, 1))
             objective = loss
             if ctc_weight > 0:  # the transcript without its <EOS>, against the speech tokens
-                ctc = speech_ctc_loss(ctc_logits, speech_lengths, targets, mask.sum(1) - 1,
-                                      blank=tokenizer.pad_id, num_tokens=max(tokens, 1))
+                ctc = speech_ctc_loss(out.speech_ctc_logits, out.speech_lengths, targets,
+                                      mask.sum(1) - 1, blank=tokenizer.pad_id,
+                                      num_tokens=max(tokens, 1))
                 objective = loss + ctc_weight * ctc
                 total_ctc += ctc.item()
             (objective * distributed.world_size()).backward()
         total_loss += loss.item()
     # Each rank's loss is its share of the global mean: their sum is the batch's loss.
     total_loss, total_ctc = distributed.all_reduce_sum([total_loss, total_ctc])
-    if state.step < cfg.llm_frozen_steps:
+    if state.step < run.cfg.sft.llm_frozen_steps:
         # Dropped after the backward (not requires_grad=False), so DDP's hooks stay as built;
         # AdamW leaves parameters without a gradient untouched, weight decay included.
         for p in distributed.unwrap(model).llm.parameters():
             p.grad = None
-    grad_norm, finite = clip_and_check(model, cfg.grad_clip)
-    if not finite or not math.isfinite(total_loss + total_ctc):
-        skip_nonfinite(run, state, optimizer)
+    grad_norm, taken = clipped_step(model, optimizer, cfg.grad_clip,
+                                    loss_finite=math.isfinite(total_loss + total_ctc))
+    end_step(run, state, optimizer, scheduler, taken)
+    if not taken:
         return None
-    optimizer.step()
-    state.nonfinite_in_row = 0
     stats = {"loss": total_loss, "grad_norm": grad_norm, "tokens": int(tokens)}
     if ctc_weight > 0:
         stats["speech_ctc"] = total_ctc

@@ -11,7 +11,7 @@ import torch
 
 from speechrl import distributed
 from speechrl.checkpoint import save_speech_checkpoint
-from speechrl.config import ConfigError, RunConfig
+from speechrl.config import ConfigError, DecodingConfig, RunConfig
 from speechrl.losses import sft_loss
 from speechrl.runtime import autocast, say
 from speechrl.train.common import Run, encode_targets, local_batch_size
@@ -61,7 +61,7 @@ def speech_loaders(cfg: RunConfig, model, rank: int = 0, world_size: int = 1):
 
 class EncoderOutputCache:
     """A frozen encoder's output frames for each training utterance (by id), computed the first
-    time the utterance is met and reused in later epochs (``train.cache_encoder_outputs``).
+    time the utterance is met and reused in later epochs (``sft.cache_encoder_outputs``).
 
     Valid only while the encoder's output cannot change: every encoder parameter frozen (a
     trainable layer weighting rules it out) and no audio augmentation. The frames computed for
@@ -72,10 +72,10 @@ class EncoderOutputCache:
     def __init__(self, model, cfg: RunConfig) -> None:
         encoder = distributed.unwrap(model).encoder
         if any(p.requires_grad for p in encoder.parameters()):
-            raise ConfigError("train.cache_encoder_outputs needs a fully frozen encoder (no "
+            raise ConfigError("sft.cache_encoder_outputs needs a fully frozen encoder (no "
                              "trainable parameters, e.g. no learned layer weighting)")
         if cfg.data.augment:
-            raise ConfigError("train.cache_encoder_outputs cannot be used with data.augment: "
+            raise ConfigError("sft.cache_encoder_outputs cannot be used with data.augment: "
                              "augmented audio changes every epoch")
         self.frames: dict[str, torch.Tensor] = {}
         self.encoded = 0  # utterances put through the encoder
@@ -98,13 +98,22 @@ class EncoderOutputCache:
         return frames, lengths.to(frames.device)
 
 
-def dev_evaluation(model, loader, run: Run, normalizer: str) -> dict[str, float]:
+def decoding_caps(decoding: DecodingConfig) -> dict[str, float]:
+    """The new-token caps of ``decoding`` as :class:`~speechrl.generate.DecodingOptions`
+    fields."""
+    return {"max_new_tokens": decoding.max_new_tokens,
+            "tokens_per_second": decoding.tokens_per_second,
+            "min_token_cap": decoding.min_token_cap}
+
+
+def dev_evaluation(model, loader, decoding: DecodingConfig, *, device: torch.device,
+                   precision: str) -> dict[str, float]:
     """Dev loss (teacher forcing) and greedy dev WER over the dev loader: each rank scores its
     shard, then the loss sums are summed and the transcripts gathered over ranks."""
     from speechrl.metrics import error_counts
 
     with distributed.full_parameters(model) as plain:
-        loss_sum, token_sum, refs, hyps = _dev_shard(plain, loader, run, normalizer)
+        loss_sum, token_sum, refs, hyps = _dev_shard(plain, loader, decoding, device, precision)
     loss_sum, token_sum = distributed.all_reduce_sum([loss_sum, token_sum])
     pairs = distributed.all_gather_objects((refs, hyps))
     refs = [r for rank_refs, _ in pairs for r in rank_refs]
@@ -114,22 +123,21 @@ def dev_evaluation(model, loader, run: Run, normalizer: str) -> dict[str, float]
 
 
 @torch.no_grad()
-def _dev_shard(model, loader, run: Run,
-               normalizer: str) -> tuple[float, int, list[str], list[str]]:
+def _dev_shard(model, loader, decoding: DecodingConfig, device: torch.device,
+               precision: str) -> tuple[float, int, list[str], list[str]]:
     """(loss sum, token count, normalised refs, normalised hyps) of this rank's dev batches."""
     from speechrl.generate import DecodingOptions, generate_from_speech
     from speechrl.text import get_normalizer
 
     was_training = model.training
     model.eval()
-    options = DecodingOptions(strategy="greedy", max_new_tokens=run.cfg.grpo.max_new_tokens,
-                              tokens_per_second=run.cfg.grpo.tokens_per_second)
+    options = DecodingOptions(strategy="greedy", **decoding_caps(decoding))
     loss_sum, token_sum = 0.0, 0
     refs, hyps = [], []
     for batch in loader:
-        batch = batch.to(run.device)
-        targets, mask = encode_targets(model.tokenizer, batch.texts, run.device)
-        with autocast(run.device, run.cfg.train.precision):
+        batch = batch.to(device)
+        targets, mask = encode_targets(model.tokenizer, batch.texts, device)
+        with autocast(device, precision):
             speech, speech_lengths = model.encode_speech(batch.inputs, batch.input_lengths)
             logits = model.target_logits(speech, speech_lengths, targets, mask)
             # The speech encoded for the loss serves the decoding too (one encoder pass).
@@ -139,7 +147,7 @@ def _dev_shard(model, loader, run: Run,
         loss_sum += sft_loss(logits.float(), targets, mask).item() * n
         token_sum += n
         for ref, hyp, lang in zip(batch.texts, result.texts, batch.languages, strict=True):
-            norm = get_normalizer(normalizer, lang)
+            norm = get_normalizer(decoding.normalizer, lang)
             refs.append(norm(ref))
             hyps.append(norm(hyp))
     model.train(was_training)
