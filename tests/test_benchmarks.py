@@ -216,3 +216,32 @@ def test_grpo_trial_keeps_clean_rows_and_reads_the_curves(tmp_path):
     c = trial.curve(metrics, batch=16)
     assert c["train"] == [(1, 16, -0.5, 0.0, 0.25), (2, 32, -0.25, 0.01, 0.0)]
     assert c["dev"] == [(2, 32, 0.2)]
+
+
+def test_phase_memory_counts_what_is_allocated():
+    phase_memory = load("phase_memory")
+
+    def work() -> None:
+        a = torch.ones(1_000_000)  # 4 MB
+        b = torch.ones(1_000_000)  # 8 MB in use
+        del a
+        c = torch.ones(2_000_000)  # 4 + 8 = 12 MB at the peak
+        del b, c
+
+    kept = torch.ones(3_000_000)  # allocated before: not part of the phase's peak
+    assert phase_memory.allocated_peak(work, torch.device("cpu")) == 12_000_000
+    assert kept.numel() == 3_000_000
+
+
+def test_phase_memory_table(tmp_path, capsys):
+    phase_memory = load("phase_memory")
+    rows = phase_memory.main(["--preset", "tiny", "--vocab", "400", "--batch", "2", "--group",
+                              "3", "--prompt-tokens", "40", "--new-tokens", "4", "--threads",
+                              "1"])
+    (r,) = rows
+    assert (r["B"], r["G"], r["T"]) == (2, 3, 4) and r["L"] >= 40
+    for key in ("rollout", "ref_full", "ref_shared", "update_full", "update_shared"):
+        assert r[key] > 0, key
+    # The full path holds B*G copies of the prompt's activations, the shared one B.
+    assert r["ref_full"] > r["ref_shared"] and r["update_full"] > r["update_shared"]
+    assert "| tiny " in capsys.readouterr().out

@@ -226,6 +226,9 @@ def runs(tmp_path_factory, tiny_model_config_module) -> dict[str, Path]:
         return {
             "sft": ("sft", sft(base / "sft")),
             "grpo": ("grpo", grpo(base / "grpo", reward="wer+test_distributed:length_gap")),
+            # The per-candidate path FSDP2 falls back to, on one process (not run on two).
+            "grpo-full": ("grpo", grpo(base / "grpo-full", shared_prompt=False,
+                                       reward="wer+test_distributed:length_gap")),
             "dapo": ("grpo", grpo(base / "dapo", algorithm="dapo", dynamic_sampling=False,
                                   scale="batch", reward="ed+0.5*test_distributed:length_gap")),
             # Exact match never rewards a random model: every group is uninformative, so
@@ -244,6 +247,8 @@ def runs(tmp_path_factory, tiny_model_config_module) -> dict[str, Path]:
         base.mkdir(parents=True, exist_ok=True)
         jobs = []
         for name, (command, cfg) in stages(base).items():
+            if fsdp and name == "grpo-full":
+                continue
             jobs.append([command, "--config", write_config(cfg, base / f"{name}.yaml")])
             if fsdp and name in ("sft", "grpo", "lm", "ctc"):
                 train = dataclasses.replace(cfg.train, parallel="fsdp2",
@@ -271,6 +276,7 @@ def runs(tmp_path_factory, tiny_model_config_module) -> dict[str, Path]:
                           cwd=Path(__file__).parent)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     (out["two"] / "stdout.txt").write_text(done.stdout)
+    (out["two"] / "stderr.txt").write_text(done.stderr)
     return out
 
 
@@ -369,6 +375,34 @@ def test_grpo_takes_the_one_process_update(runs, name, parallel):
     assert_same_update(one, two, runs["one"].parent / "init")
 
 
+def test_grpo_under_fsdp2_falls_back_to_the_per_candidate_pass(runs):
+    """FSDP2 is not checked with the shared prompt pass (train/grpo.py shared_prompt_choice):
+    the two ranks run every candidate's own prompt, say so once, and take the update of one
+    process with grpo.shared_prompt=false."""
+    jobs = json.loads((runs["two"] / "jobs.json").read_text())
+    fsdp = next(i for i, argv in enumerate(jobs) if argv[-1].endswith("grpo-fsdp.yaml"))
+    ddp = next(i for i, argv in enumerate(jobs) if argv[-1].endswith("/grpo.yaml"))
+    for rank in (0, 1):
+        seen = json.loads((runs["two"] / f"forwards.{rank}.json").read_text())
+        # Every forward of the log-prob passes and the update, on both ranks, per candidate;
+        # the DDP job of the same launch kept the shared pass.
+        assert seen[str(fsdp)] == [False] and seen[str(ddp)] == [True], (rank, seen)
+    said = (runs["two"] / "stderr.txt").read_text().count(
+        "grpo: FSDP2 sharding: the prompt runs once per candidate (grpo.shared_prompt off)")
+    assert said == 1  # once, by rank 0, for the one FSDP2 GRPO job
+    one, two = runs["one"] / "grpo-full" / "run", runs["two"] / "grpo-fsdp" / "run"
+    m1, m2 = metrics(one), metrics(two)
+    assert all(np.isfinite(m2[k]) for k in ("train/loss", "train/grad_norm", "train/kl"))
+    # The same candidates, hence the same rewards, to the bit ...
+    for key in ("train/reward_mean", "train/reward_std", "train/candidate_len"):
+        assert m2[key] == m1[key], key
+    # ... and the same loss and gradient as one process on the per-candidate path, to float
+    # rounding only: the ranks hold half the batch each (other padding, other sums).
+    for key in ("train/loss", "train/grad_norm", "train/kl", "train/entropy", "train/logp_gap"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), key
+    assert_same_update(one, two, runs["one"].parent / "init")
+
+
 def test_dynamic_sampling_keeps_the_ranks_in_step(runs):
     one, two = runs["one"] / "dyn" / "run", runs["two"] / "dyn" / "run"
     m1, m2 = metrics(one), metrics(two)
@@ -450,13 +484,27 @@ def worker(spec: str) -> None:
     """Run each ``speechrl`` command of the JSON list ``spec`` on this rank, then leave the
     process group once (as ``speechrl.cli.main`` does after its one command)."""
     from speechrl.cli import build_parser, run_command
+    from speechrl.model import SpeechLLM
 
+    # The shared_prompt flag of every SpeechLLM.forward (log-prob passes and updates) by job,
+    # for test_grpo_under_fsdp2_falls_back_to_the_per_candidate_pass.
+    seen: dict[int, set[bool]] = {}
+    job = [0]
+    real = SpeechLLM.forward
+
+    def forward(self, *args, **kwargs):
+        seen.setdefault(job[0], set()).add(bool(kwargs.get("shared_prompt", False)))
+        return real(self, *args, **kwargs)
+
+    SpeechLLM.forward = forward
     try:
-        for argv in json.loads(Path(spec).read_text()):
+        for job[0], argv in enumerate(json.loads(Path(spec).read_text())):
             run_command(build_parser().parse_args(argv))
     except BaseException:
         distributed.teardown()
         raise
+    record = Path(spec).parent / f"forwards.{distributed.rank()}.json"
+    record.write_text(json.dumps({i: sorted(flags) for i, flags in seen.items()}))
     distributed.teardown(synchronize=True)
 
 
