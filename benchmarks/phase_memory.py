@@ -56,6 +56,7 @@ from speechrl.model import SpeechLLM
 from speechrl.train.common import Run
 from speechrl.train.grpo import (
     Rollout,
+    StepSettings,
     candidate_logprobs,
      loss_counts,
     policy_update,
@@ -119,16 +120,17 @@ def path_peaks(run: Run, policy: SpeechLLM, reference: SpeechLLM, rollout: Rollo
                device: torch.device) -> tuple[int, int]:
     """(reference pass, update) peaks in bytes on ``run``'s path; the policy's gradients are
     dropped after, so the next path starts where this one did."""
+    settings = StepSettings.of(run.cfg, run.device)
     optimizer = build_optimizer(policy, run.cfg.train)
     advantages = step_advantages(rollout.rewards, run.cfg.grpo.scale).flatten()
     counts = loss_counts(rollout.mask)
     logp: list[torch.Tensor] = []
-    ref = allocated_peak(lambda: logp.append(candidate_logprobs(run, reference, rollout)),
+    ref = allocated_peak(lambda: logp.append(candidate_logprobs(settings, reference, rollout)),
                          device)
     rollout.ref_logp = logp[0]
 
     def update() -> None:
-        if policy_update(run, policy, optimizer, rollout, advantages, counts) is None:
+        if policy_update(settings, policy, optimizer, rollout, advantages, counts) is None:
             raise RuntimeError("the GRPO update found a non-finite loss or gradient")
 
     update()  # AdamW's moments made
