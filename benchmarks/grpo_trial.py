@@ -33,7 +33,7 @@ DEFAULT_SETS = ("test", "ood_noisy", "ood_farfield", "ood_overlap", "ood_nonspee
 def clean_manifest(demo: Path) -> Path:
     """``grpo_train`` without its degraded and no-speech rows (synth writes each row's domain)."""
     src = demo / "data" / "grpo_train.jsonl"
-    dst = demo / "trial" / "grpo_train_clean.jsonl"
+    dst = demo / "data" / "grpo_train_clean.jsonl"  # audio paths are relative to it
     if not dst.exists():
         rows = [line for line in src.read_text().splitlines()
                 if json.loads(line).get("domain", "clean") == "clean"]
