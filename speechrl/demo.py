@@ -41,7 +41,7 @@ class DemoScale:
 # language keep it from memorising the transcripts meanwhile.
 FULL = DemoScale(utts=3000, eval_utts=1000, lm_steps=200, ctc_steps=900, sft_steps=3400,
                  grpo_steps=200, grpo_batch=16, adapt_steps=60, eval_every=850)
-QUICK = DemoScale(utts=60, eval_utts=None, lm_steps=60, ctc_steps=150, sft_steps=120,
+QUICK = DemoScale(utts=60, eval_utts=None, lm_steps=60, ctc_steps=60, sft_steps=120,
                   grpo_steps=15, grpo_batch=8, adapt_steps=10, eval_every=60)
 
 # GRPO trains on ``grpo_train``: sentences SFT never saw (on its own training set the SFT model
