@@ -46,7 +46,8 @@ def train(args, extra: list[str]) -> None:
     from speechrl.train.grpo import train_grpo
 
     scale = QUICK if args.quick else FULL
-    overrides = stage_overrides(args.demo, scale, args.precision)[args.stage]
+    base = stage_overrides(args.demo, scale, args.precision)[args.stage]
+    overrides = list(base)
     if args.clean:
         overrides.append(f"data.train=[{clean_manifest(args.demo)}]")
     overrides += [f"train.output_dir={args.demo}/trial/{args.name}", f"train.seed={args.seed}",
@@ -54,7 +55,7 @@ def train(args, extra: list[str]) -> None:
     cfg = load_run_config("tiny", overrides, stage="grpo")
     (args.demo / "trial").mkdir(parents=True, exist_ok=True)
     (args.demo / "trial" / f"{args.name}.overrides.json").write_text(
-        json.dumps(overrides[len(stage_overrides(args.demo, scale, args.precision)[args.stage]):]))
+        json.dumps(overrides[len(base):]))
     train_grpo(cfg)
 
 

@@ -58,7 +58,7 @@ from speechrl.train.grpo import (
     Rollout,
     StepSettings,
     candidate_logprobs,
-     loss_counts,
+    loss_counts,
     policy_update,
     step_advantages,
 )
