@@ -39,7 +39,8 @@ import transformers
 
 import speechrl
 from speechrl import distributed
-from speechrl.config import ModelConfig, from_dict, to_dict
+from speechrl.config import ModelConfig
+from speechrl.configio import from_dict, to_dict
 from speechrl.model import SpeechLLM
 from speechrl.prompt import build_prompt, render_prompt
 from speechrl.tokenizer import SpeechTokenizer

@@ -36,7 +36,8 @@ import sys
 import textwrap
 from collections.abc import Iterator, Sequence
 
-from speechrl.config import STAGES, ConfigError, presets
+from speechrl.config import STAGES, ConfigError
+from speechrl.configio import presets
 
 EXIT_CODES = ("Exit status: 0 done; 1 an input is missing or unusable; 2 a mistake in the "
               "command or the config; 128+N stopped by signal N (143 for SIGTERM) after saving "

@@ -21,8 +21,8 @@ from speechrl.config import (
     InputError,
     RunConfig,
     did_you_mean,
-    parse_overrides,
 )
+from speechrl.configio import parse_overrides
 
 
 def check_stage(cfg: RunConfig, stage: str, *, source: str | None = None,

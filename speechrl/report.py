@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from speechrl.config import from_dict
+from speechrl.configio import from_dict
 from speechrl.metrics import (
     ErrorCounts,
     error_counts,

@@ -23,7 +23,8 @@ from speechrl.checkpoint import (
     load_weights,
     save_checkpoint,
 )
-from speechrl.config import EncoderConfig, LLMConfig, LoraConfig, from_dict, to_dict
+from speechrl.config import EncoderConfig, LLMConfig, LoraConfig
+from speechrl.configio import from_dict, to_dict
 from speechrl.model import SpeechLLM
 from speechrl.prompt import pad_targets
 

@@ -32,7 +32,7 @@ import yaml
 from test_train import run_config, write_tone_corpus
 
 import speechrl
-from speechrl.config import to_dict
+from speechrl.configio import to_dict
 
 ROOT = Path(speechrl.__file__).resolve().parents[1]
 TINY_PATHS = ("data.train=runs/tiny/data/train.jsonl, data.dev=runs/tiny/data/dev.jsonl, "

@@ -18,8 +18,8 @@ from speechrl.config import (
     RunConfig,
     TrainConfig,
     load_run_config,
-    to_dict,
 )
+from speechrl.configio import to_dict
 from speechrl.preflight import check_stage
 
 
@@ -233,7 +233,7 @@ def test_a_resumed_constant_schedule_takes_the_new_lr(tmp_path):
 
 # The decoding and SFT settings as a run saved them before the decoding and sft sections (its
 # <stage>_config.json, trimmed to the keys that cross stages): they load as they were, to the
-# new keys (speechrl.config.RENAMED_KEYS), and a run resuming with them unchanged says nothing.
+# new keys (speechrl.configio.RENAMED_KEYS), and a run resuming with them unchanged says nothing.
 OLD_SFT_RECORD = {
     "train": {"max_steps": 5, "cache_encoder_outputs": True, "llm_frozen_steps": 2,
               "speech_ctc_weight": 0.5},
@@ -242,7 +242,8 @@ OLD_SFT_RECORD = {
 
 
 def test_a_run_config_saved_before_the_decoding_defaults_loads_and_resumes(tmp_path, capsys):
-    from speechrl.config import DECODING, RENAMED_KEYS, from_dict
+    from speechrl.config import DECODING
+    from speechrl.configio import RENAMED_KEYS, from_dict
     from speechrl.train.resume import check_resumed_settings
 
     old = from_dict(RunConfig, OLD_SFT_RECORD)

@@ -24,7 +24,8 @@ import yaml
 from safetensors.torch import load_file
 
 from speechrl import distributed
-from speechrl.config import DecodingConfig, GRPOConfig, ModelConfig, RunConfig, to_dict
+from speechrl.config import DecodingConfig, GRPOConfig, ModelConfig, RunConfig
+from speechrl.configio import to_dict
 
 # --------------------------------------------------------------------------- one process
 

@@ -18,8 +18,8 @@ from transformers import (
 )
 
 from speechrl.config import EncoderConfig
+from speechrl.conformer import ConformerEncoder
 from speechrl.encoders import (
-    ConformerEncoder,
     EncoderInput,
     WaveformSpeechEncoder,
     build_encoder,

@@ -23,7 +23,8 @@ import soundfile as sf
 import yaml
 from test_train import run_config, write_tone_corpus
 
-from speechrl.config import DataConfig, DecodingConfig, GRPOConfig, to_dict
+from speechrl.config import DataConfig, DecodingConfig, GRPOConfig
+from speechrl.configio import to_dict
 
 SR = 16000
 # A planted row: its JSONL line, the reason counted when training and when evaluating (None:

@@ -21,7 +21,8 @@ import yaml
 from safetensors.torch import load_file
 from test_train import assert_same_checkpoint, run_config, stop_after, write_tone_corpus
 
-from speechrl.config import DecodingConfig, GRPOConfig, RunConfig, to_dict
+from speechrl.config import DecodingConfig, GRPOConfig, RunConfig
+from speechrl.configio import to_dict
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from speechrl import checkpoint, distributed
-from speechrl.config import RunConfig, TrainConfig, to_dict
+from speechrl.config import RunConfig, TrainConfig
+from speechrl.configio import to_dict
 from speechrl.distributed import World
 from speechrl.runtime import MetricsLogger, announce_precision, gather_skips, say, seed_everything
 from speechrl.train.optim import clipped_step

@@ -92,8 +92,8 @@ def greedy_ctc(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]
 
 
 def train_ctc(cfg: RunConfig) -> Path:
+    from speechrl.conformer import ConformerEncoder
     from speechrl.data import make_dataloader
-    from speechrl.encoders import ConformerEncoder
     from speechrl.manifest import corpus_texts
 
     check_stage(cfg, "pretrain-encoder")  # before anything is loaded or written
@@ -215,7 +215,7 @@ def save_ctc(run: Run, model, vocab: CharVocabulary, optimizer, scheduler,
 def plain_encoder(run: Run, model, weights: dict[str, torch.Tensor]) -> nn.Module:
     """The encoder as an ordinary module for saving: the model's own, or under FSDP2 (whose
     modules hold shards) a fresh CPU copy filled with the gathered weights."""
-    from speechrl.encoders import ConformerEncoder
+    from speechrl.conformer import ConformerEncoder
 
     if not distributed.is_sharded(model):
         return distributed.unwrap(model).encoder

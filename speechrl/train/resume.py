@@ -18,7 +18,8 @@ import torch
 
 from speechrl import checkpoint, distributed
 from speechrl.checkpoint import OPTIMIZER, TRAINER_STATE, CheckpointError
-from speechrl.config import ConfigError, RunConfig, TrainConfig, flatten, renamed_keys, to_dict
+from speechrl.config import ConfigError, RunConfig, TrainConfig
+from speechrl.configio import flatten, renamed_keys, to_dict
 from speechrl.runtime import say
 from speechrl.train.optim import lr_factor
 
@@ -108,7 +109,7 @@ def check_resumed_settings(cfg: RunConfig, stage: str, output_dir: Path) -> None
     ``train.lr`` under a constant schedule, are said and kept (the record is rewritten with
     them); any other change raises :class:`~speechrl.config.ConfigError` naming each key, old
     and new. A record written before options moved is read with their new names
-    (:data:`~speechrl.config.RENAMED_KEYS`). A run with no readable record resumes as before."""
+    (:data:`~speechrl.configio.RENAMED_KEYS`). A run with no readable record resumes as before."""
     record = output_dir / f"{stage}_config.json"
     try:
         old = flatten(renamed_keys(json.loads(record.read_text())))
