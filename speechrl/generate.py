@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 STRATEGIES = ("greedy", "sample", "beam")
 
@@ -189,6 +190,72 @@ def max_tokens_for_duration(durations: Tensor, tokens_per_second: float, floor: 
 # --------------------------------------------------------------------------- cached LM
 
 
+class PreallocatedLayer(DynamicLayer):
+    """A DynamicCache layer whose keys and values live in a buffer of ``capacity`` positions,
+    allocated at the prefill: a decode step writes its keys and values into the next free
+    positions and attention reads a view of the filled ones, where DynamicLayer copies the
+    whole cache (``torch.cat``) every step. ``keys`` / ``values`` are always that view, so the
+    rest of DynamicLayer (lengths, masks, row selection, beam reordering) holds; the row
+    operations gather the whole buffer, as DynamicLayer gathers its cache. Past the capacity
+    it grows like DynamicLayer."""
+
+    def __init__(self, capacity: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.capacity = capacity
+        self._k: Tensor | None = None
+        self._v: Tensor | None = None
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs
+               ) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, n = self.get_seq_length(), key_states.shape[-2]
+        if self._k is None or start + n > self._k.shape[-2]:
+            size = max(self.capacity, start + n)
+            k = key_states.new_empty((*key_states.shape[:-2], size, key_states.shape[-1]))
+            v = value_states.new_empty((*value_states.shape[:-2], size, value_states.shape[-1]))
+            if start:
+                k[..., :start, :] = self.keys
+                v[..., :start, :] = self.values
+            self._k, self._v = k, v
+        self._k[..., start : start + n, :] = key_states
+        self._v[..., start : start + n, :] = value_states
+        self.keys, self.values = self._k[..., : start + n, :], self._v[..., : start + n, :]
+        return self.keys, self.values
+
+    def _rows(self, pick) -> None:
+        if self.get_seq_length() > 0:
+            length = self.keys.shape[-2]
+            self._k, self._v = pick(self._k), pick(self._v)
+            self.keys, self.values = self._k[..., :length, :], self._v[..., :length, :]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._rows(lambda t: t[indices, ...])
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        self._rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def reset(self) -> None:
+        self._k = self._v = None
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)  # the views shrink; the next update overwrites the rest
+
+
+def preallocated_cache(config, capacity: int) -> DynamicCache:
+    """DynamicCache(config) with each full-attention layer (a plain DynamicLayer) replaced by a
+    :class:`PreallocatedLayer` of ``capacity`` positions; sliding-window and other layers stay
+    as DynamicCache makes them."""
+    cache = DynamicCache(config=config)
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer
+                    for layer in cache.layers]
+    return cache
+
+
 class _CachedLM:
     """A causal LM with the KV cache, attention mask and next positions of its current rows.
 
@@ -196,14 +263,17 @@ class _CachedLM:
     so every prompt starts at position 0 whatever its padding.
     """
 
-    def __init__(self, llm: torch.nn.Module) -> None:
+    def __init__(self, llm: torch.nn.Module, capacity: int = 0) -> None:
+        """``capacity`` > 0: the KV cache is preallocated for that many positions (prompt and
+        new tokens); 0: DynamicCache's, which grows by a copy each step."""
         self.llm = llm
         base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # PEFT wrapper
         params = inspect.signature(base.forward).parameters
         # transformers 5.x renames past_key_values to cache (the old name is deprecated).
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        self.cache = DynamicCache(config=llm.config)
+        self.cache = (preallocated_cache(llm.config, capacity) if capacity > 0
+                      else DynamicCache(config=llm.config))
         self.mask = torch.empty(0)
         self.next_position = torch.empty(0)
 
@@ -452,7 +522,8 @@ def _check_inputs(inputs_embeds: Tensor, attention_mask: Tensor,
 @torch.no_grad()
 def decode(llm: torch.nn.Module, inputs_embeds: Tensor, attention_mask: Tensor, *, eos_id: int,
            pad_id: int, options: DecodingOptions, max_new_tokens: Tensor | None = None,
-           generator: torch.Generator | Sequence[torch.Generator] | None = None) -> DecodeResult:
+           generator: torch.Generator | Sequence[torch.Generator] | None = None,
+           preallocate: bool = True) -> DecodeResult:
     """Decode G = options.num_return_sequences candidates per prompt with a KV cache.
 
     inputs_embeds (B, L, D) left-padded prompt embeddings, attention_mask (B, L);
@@ -461,6 +532,8 @@ def decode(llm: torch.nn.Module, inputs_embeds: Tensor, attention_mask: Tensor, 
     depend only on its own generator, not on the batch it is decoded in (GRPO under torchrun,
     where ranks split a step's audios).
     Each prompt is prefilled once; its cache is then repeated G (or num_beams) times.
+    ``preallocate``: the cache's keys and values go into buffers of the prompt length plus the
+    cap (:class:`PreallocatedLayer`; False: DynamicCache's, copied whole each step).
     The model's train/eval mode is left as it is: call ``llm.eval()`` to decode without dropout.
     """
     _check_inputs(inputs_embeds, attention_mask, max_new_tokens)
@@ -469,7 +542,8 @@ def decode(llm: torch.nn.Module, inputs_embeds: Tensor, attention_mask: Tensor, 
     if max_new_tokens is not None:
         caps = torch.minimum(caps, max_new_tokens.to(device=device, dtype=torch.long))
 
-    lm = _CachedLM(llm)
+    # The cache holds the prompt and the longest candidate's tokens but its last.
+    lm = _CachedLM(llm, capacity=inputs_embeds.size(1) + int(caps.max()) if preallocate else 0)
     logits = lm.prefill(inputs_embeds, attention_mask)
     V = logits.size(-1)
     for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):

@@ -10,9 +10,17 @@ import torch
 from speechrl import distributed
 from speechrl.config import TrainConfig
 
+# Devices whose AdamW has a fused kernel (one kernel over all tensors of a device and dtype).
+FUSED_DEVICES = ("cpu", "cuda")
+
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no weight decay on biases and norms (1-d tensors)."""
+    """AdamW over the trainable parameters; no weight decay on biases and norms (1-d tensors).
+
+    Fused (``torch._fused_adamw_``) when every parameter is a floating-point tensor on the CPU
+    or a CUDA device, FSDP2's DTensors included (DTensor shards the fused op like any pointwise
+    one): the same update as the default for-each one up to float rounding, 3.6x faster on the
+    tiny preset's 3.8 M parameters on the CPU (docs/benchmarks.md). Otherwise the default."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -21,7 +29,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas))
+    fused = all(p.is_floating_point() and p.device.type in FUSED_DEVICES
+                for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                             fused=True if fused else None)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
