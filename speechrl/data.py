@@ -16,7 +16,7 @@ Shapes: B batch, N frames, F features, S samples.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -84,6 +84,12 @@ class SpeechDataset(Dataset):
     from what the manifest says) comes back as a :class:`Skip`, or raises
     :class:`ManifestError` with ``strict``. With ``augment`` each item gets speed,
     reverberation and noise perturbation drawn from (seed, epoch, index).
+
+    ``known`` maps the ids of utterances whose inputs the consumer no longer needs (their
+    encoder output is cached: ``sft.cache_encoder_outputs``) to the seconds of audio they held;
+    such an utterance is neither read nor featurised, and its :class:`Item` carries empty
+    inputs (0, F) or (0,). The consumer may fill the mapping while a pass runs; a worker
+    process sees it as it was when the pass began.
     """
 
     def __init__(
@@ -107,12 +113,16 @@ class SpeechDataset(Dataset):
         self.augment = augment
         self.seed = seed
         self.epoch = 0  # set by the loader before each pass, for augmentation
+        self.known: Mapping[str, float] = {}
 
     def __len__(self) -> int:
         return len(self.utterances)
 
     def __getitem__(self, index: int) -> Item | Skip:
         utt = self.utterances[index]
+        if utt.id in self.known:  # its inputs would go unused
+            return Item(index, utt.id, self._empty_inputs(), utt.text, utt.language,
+                        utt.domain, self.known[utt.id])
         try:
             wave = self.load(utt)
         except AudioError as e:
@@ -134,6 +144,11 @@ class SpeechDataset(Dataset):
         inputs = self.features.features(wave, self.sample_rate)
         return Item(index, utt.id, inputs, utt.text, utt.language, utt.domain,
                     len(wave) / self.sample_rate)
+
+    def _empty_inputs(self) -> torch.Tensor:
+        """(0, F) features, or (0,) samples for a waveform encoder."""
+        spec = self.features
+        return torch.zeros(0) if spec.kind == "waveform" else torch.zeros(0, spec.n_mels)
 
     def load(self, utt: Utterance) -> np.ndarray:
         """Mono samples (S,) at the dataset's sample rate."""

@@ -344,6 +344,24 @@ def test_loader_batches_and_features(corpus, kind, shape):
     assert batch.to("cpu").inputs.data_ptr() == batch.inputs.data_ptr()
 
 
+@pytest.mark.parametrize("kind,empty", [("fbank", (0, 80)), ("waveform", (0,))])
+def test_known_utterances_are_neither_read_nor_featurised(corpus, kind, empty):
+    utts, _ = read_manifest(corpus, training=True, max_duration=30.0)
+    Path(utts[1].audio).unlink()  # reading u1 would now make it a Skip
+    ds = SpeechDataset(utts[:3], features=kind)
+    ds.known = {"u1": 0.75}
+    items = [ds[i] for i in range(3)]
+    assert items[1].inputs.shape == empty and items[1].duration == 0.75
+    assert (items[1].text, items[1].language) == (utts[1].text, utts[1].language)
+    batch = collate(items)
+    assert batch.ids == ["u0", "u1", "u2"] and batch.input_lengths[1] == 0
+    assert batch.durations.tolist() == [0.5, 0.75, 1.5]
+    assert torch.equal(batch.inputs[2, : batch.input_lengths[2]], SpeechDataset(
+        utts[:3], features=kind)[2].inputs)
+    ds.known = {}
+    assert isinstance(ds[1], Skip)
+
+
 def test_padded_batch_rows_equal_single_utterance_features(corpus):
     utts, _ = read_manifest(corpus, training=True, max_duration=30.0)
     ds = SpeechDataset(utts, features="fbank")

@@ -28,6 +28,7 @@ from speechrl.config import (
     SFTConfig,
     TrainConfig,
 )
+from speechrl.data import SpeechDataset
 
 WORDS = ["the", "cat", "sat", "on", "mat", "hello", "world", "test"]
 SR = 16000
@@ -202,16 +203,30 @@ def test_sft_with_cached_encoder_outputs_matches_uncached(tmp_path, tone_corpus,
         caches.append(self)
 
     monkeypatch.setattr(speech.EncoderOutputCache, "__init__", spy)
+    loaded = []  # ids whose audio a training dataset read (the dev set's holds 8 rows)
+    original_load = SpeechDataset.load
+
+    def counting_load(self, utt):
+        if len(self) == 48:
+            loaded.append(utt.id)
+        return original_load(self, utt)
+
+    monkeypatch.setattr(SpeechDataset, "load", counting_load)
     # 30 steps of about 4 utterances over 48 training utterances: two and a half epochs.
     plain = run_config(tmp_path / "a", tone_corpus, tiny_model_config, max_steps=30)
     cached = run_config(tmp_path / "b", tone_corpus, tiny_model_config, max_steps=30,
                         cache_encoder_outputs=True)
     train_sft(plain)
     assert caches == []
+    plain_loads = list(loaded)
+    loaded.clear()
     train_sft(cached)
     (cache,) = caches
-    # Every training utterance went through the encoder exactly once.
-    assert cache.encoded == len(cache.frames) == 48
+    # Every training utterance went through the encoder exactly once, and its audio was read
+    # and featurised once: later epochs take the cached frames without loading the audio.
+    assert cache.encoded == len(cache.frames) == len(cache.seconds) == 48
+    assert sorted(loaded) == sorted(cache.frames)
+    assert len(plain_loads) > 100  # the uncached run read every epoch
     a = load_file(str(tmp_path / "a" / "run" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "run" / "last" / "model.safetensors"))
     for key in a:

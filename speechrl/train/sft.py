@@ -59,6 +59,8 @@ def train_sft(cfg: RunConfig) -> Path:
     state = maybe_resume(run, model, optimizer, scheduler)
     batches = endless_batches(train_loader, state)
     cache = EncoderOutputCache(model, cfg) if cfg.sft.cache_encoder_outputs else None
+    if cache is not None:  # cached utterances are no longer read nor featurised
+        train_loader.dataset.known = cache.seconds
 
     bar = progress(cfg.train.max_steps, state.step, "sft")
     with bar, stop_on_signals() as stop:  # the bar closes also when a stopped run raises

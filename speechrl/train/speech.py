@@ -67,6 +67,10 @@ class EncoderOutputCache:
     trainable layer weighting rules it out) and no audio augmentation. The frames computed for
     an utterance alone equal those inside a padded batch up to float rounding, so a cached run
     matches an uncached one to rounding, not bit for bit.
+
+    ``seconds`` (id -> seconds of audio) lists the cached utterances; handed to the training
+    dataset (:attr:`~speechrl.data.SpeechDataset.known`), it spares their reading and
+    featurising in later epochs, since their inputs would go unused.
     """
 
     def __init__(self, model, cfg: RunConfig) -> None:
@@ -78,6 +82,7 @@ class EncoderOutputCache:
             raise ConfigError("sft.cache_encoder_outputs cannot be used with data.augment: "
                              "augmented audio changes every epoch")
         self.frames: dict[str, torch.Tensor] = {}
+        self.seconds: dict[str, float] = {}
         self.encoded = 0  # utterances put through the encoder
 
     @torch.no_grad()
@@ -93,6 +98,7 @@ class EncoderOutputCache:
             out, out_lengths = distributed.unwrap(model).encoder(inputs, lengths)
             for j, i in enumerate(missing):
                 self.frames[batch.ids[i]] = out[j, : int(out_lengths[j])].detach()
+                self.seconds[batch.ids[i]] = float(batch.durations[i])
             self.encoded += len(missing)
         frames, lengths = pad_inputs([self.frames[utt_id] for utt_id in batch.ids])
         return frames, lengths.to(frames.device)
