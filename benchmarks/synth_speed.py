@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from speechrl.synth import espeak_version, synthesize_corpus
+from speechrl.espeak import espeak_version
+from speechrl.synth import synthesize_corpus
 from speechrl.textgen import LANGUAGES
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speechrl.config import load_run_config
-from speechrl.report import Finding, Section
+from speechrl.report import Section
+from speechrl.report_changes import Finding
 from speechrl.runtime import say
 
 

@@ -28,7 +28,8 @@ from speechrl.config import (
 from speechrl.preflight import check_output_folder
 
 if TYPE_CHECKING:
-    from speechrl.report import Finding, Hypothesis, ReportPaths, Section
+    from speechrl.report import Hypothesis, ReportPaths, Section
+    from speechrl.report_changes import Finding
 
 # The modules that decode and score import torch, transformers and matplotlib: they are imported
 # inside the functions, so that the command line's --help and argument errors stay fast.
@@ -113,7 +114,7 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
     ``trust_remote_code`` lets the checkpoints' Hugging Face parts run their own code (never
     switched on by a checkpoint). ``checkpoint_sets`` limits a checkpoint to some of the sets
     (by name; a checkpoint not named decodes them all). ``findings`` are the paper's claims the
-    report checks, each with its interval and verdict (:class:`speechrl.report.Finding`).
+    report checks, each with its interval and verdict (:class:`speechrl.report_changes.Finding`).
     ``precision``: ``fp32`` (the default), ``bf16`` autocast, or ``auto`` (bf16 on a GPU or on
     a CPU that computes it natively; :mod:`speechrl.runtime`).
 

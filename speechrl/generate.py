@@ -7,7 +7,8 @@ search); only the short transcripts are decoded per candidate.
 
 :func:`decode` works on any Hugging Face causal LM (Llama, Qwen2, ...) given left-padded prompt
 embeddings; :func:`generate` wraps it for the speech model (:func:`generate_from_speech` when
-the speech is already encoded). Logit filters are small pure functions.
+the speech is already encoded). Logit filters are small pure functions; the LM with its KV cache
+is ``speechrl.kvcache``.
 
 Shapes: B prompts, G candidates per prompt, K beams per prompt, L prompt length, T generated
 tokens, D hidden size, V vocabulary.
@@ -15,15 +16,14 @@ tokens, D hidden size, V vocabulary.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+
+from speechrl.kvcache import CachedLM
 
 STRATEGIES = ("greedy", "sample", "beam")
 
@@ -187,133 +187,6 @@ def max_tokens_for_duration(durations: Tensor, tokens_per_second: float, floor: 
     return caps.clamp(min=floor, max=cap)
 
 
-# --------------------------------------------------------------------------- cached LM
-
-
-class PreallocatedLayer(DynamicLayer):
-    """A DynamicCache layer whose keys and values live in a buffer of ``capacity`` positions,
-    allocated at the prefill: a decode step writes its keys and values into the next free
-    positions and attention reads a view of the filled ones, where DynamicLayer copies the
-    whole cache (``torch.cat``) every step. ``keys`` / ``values`` are always that view, so the
-    rest of DynamicLayer (lengths, masks, row selection, beam reordering) holds; the row
-    operations gather the whole buffer, as DynamicLayer gathers its cache. Past the capacity
-    it grows like DynamicLayer."""
-
-    def __init__(self, capacity: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.capacity = capacity
-        self._k: Tensor | None = None
-        self._v: Tensor | None = None
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs
-               ) -> tuple[Tensor, Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        start, n = self.get_seq_length(), key_states.shape[-2]
-        if self._k is None or start + n > self._k.shape[-2]:
-            size = max(self.capacity, start + n)
-            k = key_states.new_empty((*key_states.shape[:-2], size, key_states.shape[-1]))
-            v = value_states.new_empty((*value_states.shape[:-2], size, value_states.shape[-1]))
-            if start:
-                k[..., :start, :] = self.keys
-                v[..., :start, :] = self.values
-            self._k, self._v = k, v
-        self._k[..., start : start + n, :] = key_states
-        self._v[..., start : start + n, :] = value_states
-        self.keys, self.values = self._k[..., : start + n, :], self._v[..., : start + n, :]
-        return self.keys, self.values
-
-    def _rows(self, pick) -> None:
-        if self.get_seq_length() > 0:
-            length = self.keys.shape[-2]
-            self._k, self._v = pick(self._k), pick(self._v)
-            self.keys, self.values = self._k[..., :length, :], self._v[..., :length, :]
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        self._rows(lambda t: t[indices, ...])
-
-    def reorder_cache(self, beam_idx: Tensor) -> None:
-        self._rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def reset(self) -> None:
-        self._k = self._v = None
-        super().reset()
-
-    def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)  # the views shrink; the next update overwrites the rest
-
-
-def preallocated_cache(config, capacity: int) -> DynamicCache:
-    """DynamicCache(config) with each full-attention layer (a plain DynamicLayer) replaced by a
-    :class:`PreallocatedLayer` of ``capacity`` positions; sliding-window and other layers stay
-    as DynamicCache makes them."""
-    cache = DynamicCache(config=config)
-    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer
-                    for layer in cache.layers]
-    return cache
-
-
-class _CachedLM:
-    """A causal LM with the KV cache, attention mask and next positions of its current rows.
-
-    Positions follow Hugging Face's generate: with left padding, position = cumsum(mask) - 1,
-    so every prompt starts at position 0 whatever its padding.
-    """
-
-    def __init__(self, llm: torch.nn.Module, capacity: int = 0) -> None:
-        """``capacity`` > 0: the KV cache is preallocated for that many positions (prompt and
-        new tokens); 0: DynamicCache's, which grows by a copy each step."""
-        self.llm = llm
-        base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # PEFT wrapper
-        params = inspect.signature(base.forward).parameters
-        # transformers 5.x renames past_key_values to cache (the old name is deprecated).
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"
-        self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        self.cache = (preallocated_cache(llm.config, capacity) if capacity > 0
-                      else DynamicCache(config=llm.config))
-        self.mask = torch.empty(0)
-        self.next_position = torch.empty(0)
-
-    def prefill(self, embeds: Tensor, mask: Tensor) -> Tensor:
-        """Run (B, L, D) left-padded prompts with (B, L) mask; returns (B, V) next-token logits."""
-        positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
-        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                       use_cache=True, **{self.cache_arg: self.cache}, **self.keep_last)
-        self.mask = mask
-        self.next_position = mask.long().sum(dim=-1)
-        return out.logits[:, -1]
-
-    def repeat(self, n: int) -> None:
-        """Each row becomes n contiguous rows (B -> B*n) sharing the prompt's prefill."""
-        self.cache.batch_repeat_interleave(n)
-        self.mask = self.mask.repeat_interleave(n, dim=0)
-        self.next_position = self.next_position.repeat_interleave(n, dim=0)
-
-    def reorder(self, rows: Tensor) -> None:
-        """Row i continues from former row rows[i] (beam search)."""
-        self.cache.reorder_cache(rows)
-        self.mask = self.mask[rows]
-        self.next_position = self.next_position[rows]
-
-    def keep(self, rows: Tensor) -> None:
-        """Only the rows ``rows`` (ascending indices) go on; the others are dropped."""
-        self.cache.batch_select_indices(rows)
-        self.mask = self.mask[rows]
-        self.next_position = self.next_position[rows]
-
-    def step(self, tokens: Tensor) -> Tensor:
-        """Append one (R,) token per row; returns (R, V) next-token logits."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=-1)
-        out = self.llm(input_ids=tokens[:, None], attention_mask=self.mask,
-                       position_ids=self.next_position[:, None], use_cache=True,
-                       **{self.cache_arg: self.cache})
-        self.next_position = self.next_position + 1
-        return out.logits[:, -1]
-
-
 def _check_every(options: DecodingOptions, device: torch.device) -> int:
     if options.stop_check_every is not None:
         return options.stop_check_every
@@ -337,7 +210,7 @@ def _prompt_uniforms(generators: Sequence[torch.Generator], caps: Tensor, steps:
     return out
 
 
-def _decode_rows(lm: _CachedLM, logits: Tensor, caps: Tensor, options: DecodingOptions,
+def _decode_rows(lm: CachedLM, logits: Tensor, caps: Tensor, options: DecodingOptions,
                  eos_id: int, pad_id: int,
                  generator: torch.Generator | Sequence[torch.Generator] | None) -> DecodeResult:
     """Greedy or sampled decoding of R = B*G independent rows from their (R, V) first logits,
@@ -441,7 +314,7 @@ class _NBest:
         self.logprobs = torch.cat([self.logprobs, logprobs], dim=1).gather(1, seq_pick)
 
 
-def _decode_beam(lm: _CachedLM, logits: Tensor, caps: Tensor, options: DecodingOptions,
+def _decode_beam(lm: CachedLM, logits: Tensor, caps: Tensor, options: DecodingOptions,
                  eos_id: int, pad_id: int) -> DecodeResult:
     """Beam search over B prompts with K beams each, from (B*K, V) first logits (the prompt's
     logits repeated K times) and (B,) caps. Returns each prompt's n best, best first.
@@ -533,7 +406,8 @@ def decode(llm: torch.nn.Module, inputs_embeds: Tensor, attention_mask: Tensor, 
     where ranks split a step's audios).
     Each prompt is prefilled once; its cache is then repeated G (or num_beams) times.
     ``preallocate``: the cache's keys and values go into buffers of the prompt length plus the
-    cap (:class:`PreallocatedLayer`; False: DynamicCache's, copied whole each step).
+    cap (:class:`speechrl.kvcache.PreallocatedLayer`; False: DynamicCache's, copied whole each
+    step).
     The model's train/eval mode is left as it is: call ``llm.eval()`` to decode without dropout.
     """
     _check_inputs(inputs_embeds, attention_mask, max_new_tokens)
@@ -543,7 +417,7 @@ def decode(llm: torch.nn.Module, inputs_embeds: Tensor, attention_mask: Tensor, 
         caps = torch.minimum(caps, max_new_tokens.to(device=device, dtype=torch.long))
 
     # The cache holds the prompt and the longest candidate's tokens but its last.
-    lm = _CachedLM(llm, capacity=inputs_embeds.size(1) + int(caps.max()) if preallocate else 0)
+    lm = CachedLM(llm, capacity=inputs_embeds.size(1) + int(caps.max()) if preallocate else 0)
     logits = lm.prefill(inputs_embeds, attention_mask)
     V = logits.size(-1)
     for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):

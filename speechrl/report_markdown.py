@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from speechrl.report import CHANGE_FIGURES
+from speechrl.report_changes import CHANGE_FIGURES
 
 _NA = "–"
 _SIGNIFICANT = "*"

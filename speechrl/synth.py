@@ -6,9 +6,10 @@ module builds a small corpus with the same shape:
 
 1. Text (``speechrl.textgen``): a generator per language (English, French, German, Italian,
    Spanish) with agreement; 3-20 lower-case words, numbers spelled out.
-2. Speech: espeak-ng through its C library, with many voice variants, pitches and rates. Voices
-   come in three disjoint pools: in-domain (train / dev / test), out-of-domain, adaptation.
-3. Acoustics (``speechrl.audio``): babble or coloured noise at 0-10 dB SNR (``ood_noisy``),
+2. Speech (``speechrl.espeak``): espeak-ng through its C library, with many voice variants,
+   pitches and rates. Voices come in three disjoint pools: in-domain (train / dev / test),
+   out-of-domain, adaptation.
+3. Acoustics (``speechrl.degrade``): babble or coloured noise at 0-10 dB SNR (``ood_noisy``),
    synthetic room reverberation plus noise (``ood_farfield``), narrow-band telephone with
    reverberation (``adapt_*``).
 4. Hallucination probes, where an LLM recogniser is tempted to write what was not said:
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import ctypes.util
 import dataclasses
 import json
 import multiprocessing
@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from speechrl import audio
+from speechrl.degrade import MIX_NONSPEECH_KINDS, NONSPEECH_KINDS, render
+from speechrl.espeak import LANGUAGE_VOICES, Espeak, Speaker, espeak_version
 from speechrl.textgen import LANGUAGES, SentenceGenerator
 
 SAMPLE_RATE = 16000
@@ -51,8 +52,6 @@ CHUNK = 16  # utterances rendered by one fresh worker process
 
 # --------------------------------------------------------------------------- voices
 
-# espeak-ng voice per language; a speaker adds a variant ("en-us+m3"), a pitch and a rate.
-LANGUAGE_VOICES = {"en": "en-us", "fr": "fr", "de": "de", "it": "it", "es": "es"}
 # Three disjoint pools of espeak-ng variants (``espeak-ng --voices=variant``): the
 # out-of-domain and adaptation sets are spoken by voices never heard in training.
 VOICE_POOLS = {
@@ -72,91 +71,10 @@ VOICE_POOLS = {
 }
 
 
-@dataclass(frozen=True)
-class Speaker:
-    variant: str
-    pitch: int  # espeak-ng 0-99, default 50
-    rate: int  # words per minute, default 175
-
-    @property
-    def label(self) -> str:
-        return f"{self.variant}-p{self.pitch}-r{self.rate}"
-
-
 def draw_speaker(pool: str, rng: np.random.Generator) -> Speaker:
     variants = VOICE_POOLS[pool]
     return Speaker(variants[int(rng.integers(len(variants)))], int(rng.integers(25, 76)),
                    int(rng.integers(140, 191)))
-
-
-# --------------------------------------------------------------------------- espeak-ng
-
-_AUDIO_OUTPUT_SYNCHRONOUS = 2
-_INITIALIZE_DONT_EXIT = 0x8000
-_POS_CHARACTER = 1
-_CHARS_UTF8 = 1
-_PARAM_RATE, _PARAM_PITCH = 1, 3
-_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
-                                   ctypes.c_void_p)
-
-
-class Espeak:
-    """libespeak-ng through ctypes, in synchronous mode (no audio device): text -> int16 samples.
-
-    One per process: the library is a process-wide singleton with state carried from one
-    utterance to the next (see the module docstring for how that stays deterministic).
-    """
-
-    def __init__(self) -> None:
-        self.lib = _load_espeak()
-        self.sample_rate = self.lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, None,
-                                                      _INITIALIZE_DONT_EXIT)
-        if self.sample_rate <= 0:
-            raise RuntimeError("espeak-ng failed to initialise (is espeak-ng-data installed?)")
-        self._chunks: list[np.ndarray] = []
-        self._callback = _SYNTH_CALLBACK(self._collect)  # kept alive as long as self
-        self.lib.espeak_SetSynthCallback(self._callback)
-        self.lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint,
-                                          ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
-                                          ctypes.c_void_p, ctypes.c_void_p]
-
-    def _collect(self, samples, count: int, events) -> int:
-        if count > 0:
-            self._chunks.append(np.ctypeslib.as_array(samples, shape=(count,)).copy())
-        return 0  # 0: go on synthesising
-
-    def synthesize(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
-        """int16 samples (S,) at ``self.sample_rate`` (22050 Hz)."""
-        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
-            raise RuntimeError(f"espeak-ng has no voice {voice!r} (see espeak-ng --voices)")
-        self.lib.espeak_SetParameter(_PARAM_RATE, rate, 0)
-        self.lib.espeak_SetParameter(_PARAM_PITCH, pitch, 0)
-        self._chunks = []
-        data = text.encode("utf-8") + b"\0"
-        status = self.lib.espeak_Synth(data, len(data), 0, _POS_CHARACTER, 0, _CHARS_UTF8,
-                                       None, None)
-        self.lib.espeak_Synchronize()
-        if status != 0 or not self._chunks:
-            raise RuntimeError(f"espeak-ng produced no audio for {text!r} ({voice})")
-        return np.concatenate(self._chunks)
-
-
-def _load_espeak() -> ctypes.CDLL:
-    for name in (ctypes.util.find_library("espeak-ng"), "libespeak-ng.so.1", "libespeak-ng.so",
-                 "libespeak-ng.dylib"):
-        if name:
-            try:
-                return ctypes.CDLL(name)
-            except OSError:
-                continue
-    raise RuntimeError("the espeak-ng library (libespeak-ng) is not installed: "
-                       "apt install espeak-ng, or brew install espeak-ng")
-
-
-def espeak_version() -> str:
-    lib = _load_espeak()
-    lib.espeak_Info.restype = ctypes.c_char_p
-    return (lib.espeak_Info(None) or b"unknown").decode()
 
 
 # --------------------------------------------------------------------------- corpus plan
@@ -205,12 +123,6 @@ SETS = (
 # The sets sized as a share of the training utterances (``utts``), whatever ``eval_utts`` says.
 TRAINING_SETS = ("train", "grpo_train")
 
-# What ood_nonspeech clips hold, each drawn equally often.
-NONSPEECH_KINDS = ("babble", "noise", "tones", "silence")
-# What the training mix's non-speech clips hold (TrainMix): other families than the probes',
-# so the probes stay unseen.
-MIX_NONSPEECH_KINDS = ("babble", "hum", "band")
-
 
 @dataclass(frozen=True)
 class TrainMix:
@@ -251,9 +163,8 @@ class TrainMix:
             except ValueError:
                 raise ValueError(f"train mix {item!r}: {value!r} is not a number") from None
         return cls(**shares)
-# ood_long: sentences are added until the clip lasts LONG_SECONDS[0], never beyond [1], drawn
-# from LONG_MAX_SENTENCES planned ones.
-LONG_SECONDS = (12.0, 20.0)
+# ood_long: planned sentences per clip, spoken in order while the clip is short enough
+# (speechrl.degrade.LONG_SECONDS).
 LONG_MAX_SENTENCES = 8
 
 
@@ -385,143 +296,6 @@ def _unused_sentence(generator: SentenceGenerator, used: set[str],
 
 
 # --------------------------------------------------------------------------- rendering
-
-
-def speak(engine: Espeak, text: str, language: str, speaker: Speaker) -> np.ndarray:
-    """espeak-ng speech as float32 (S,) at 16 kHz."""
-    voice = f"{LANGUAGE_VOICES[language]}+{speaker.variant}"
-    samples = engine.synthesize(text, voice, speaker.rate, speaker.pitch)
-    return audio.resample(samples.astype(np.float32) / 32768.0, engine.sample_rate, SAMPLE_RATE)
-
-
-def render(plan: UtterancePlan,
-           engine: Espeak) -> tuple[np.ndarray, dict[str, float | str], str]:
-    """The utterance's audio (S,) at 16 kHz in its acoustic condition, what was applied, and
-    its transcript (the plan's text; for ``long``, the sentences that were spoken)."""
-    rng = np.random.default_rng(list(plan.seed))
-    if plan.condition in ("nonspeech", "mix_nonspeech"):
-        wave, acoustics = _nonspeech(plan, engine, rng)
-        return wave, acoustics, ""
-    if plan.condition == "long":
-        wave, text, acoustics = _long(plan, engine, rng)
-        return audio.normalise_level(wave, float(rng.uniform(-28.0, -18.0))), acoustics, text
-    wave = speak(engine, plan.text, plan.language, plan.speaker)
-    acoustics: dict[str, float | str] = {}
-    if plan.condition == "overlap":
-        wave, acoustics = _overlap(wave, plan, engine, rng)
-    elif plan.condition == "mix_overlap":
-        wave, acoustics = _overlap(wave, plan, engine, rng, below_db=(3.0, 12.0))
-    elif plan.condition == "mix_noisy":
-        snr = float(rng.uniform(5.0, 20.0))
-        if plan.babble:
-            talkers = [speak(engine, t, plan.language, s) for t, s in plan.babble]
-            noise, kind = audio.babble(talkers, len(wave), rng), f"babble{len(talkers)}"
-        else:
-            kind = "hum" if rng.random() < 0.5 else "band"
-            noise = audio.hum(len(wave), rng) if kind == "hum" else audio.band_noise(len(wave),
-                                                                                  rng)
-        wave = audio.mix_at_snr(wave, noise, snr)
-        acoustics = {"noise": kind, "snr_db": round(snr, 2)}
-    elif plan.condition == "noisy":
-        snr = float(rng.uniform(0.0, 10.0))
-        if plan.babble:
-            talkers = [speak(engine, t, plan.language, s) for t, s in plan.babble]
-            noise, kind = audio.babble(talkers, len(wave), rng), f"babble{len(talkers)}"
-        else:
-            alpha = float(rng.choice([0.0, 1.0, 2.0]))
-            noise, kind = audio.coloured_noise(len(wave), alpha, rng), f"noise_alpha{alpha:g}"
-        wave = audio.mix_at_snr(wave, noise, snr)
-        acoustics = {"noise": kind, "snr_db": round(snr, 2)}
-    elif plan.condition == "farfield":
-        rt60, drr = float(rng.uniform(0.4, 1.0)), float(rng.uniform(-5.0, 3.0))
-        wave = audio.reverberate(wave, audio.room_impulse_response(rt60, rng, drr_db=drr))
-        snr, alpha = float(rng.uniform(5.0, 20.0)), float(rng.choice([1.0, 2.0]))
-        wave = audio.mix_at_snr(wave, audio.coloured_noise(len(wave), alpha, rng), snr)
-        acoustics = {"rt60": round(rt60, 3), "drr_db": round(drr, 2), "snr_db": round(snr, 2)}
-    elif plan.condition == "telephone":
-        rt60, drr = float(rng.uniform(0.2, 0.5)), float(rng.uniform(0.0, 6.0))
-        wave = audio.reverberate(wave, audio.room_impulse_response(rt60, rng, drr_db=drr))
-        snr = float(rng.uniform(25.0, 35.0))  # line noise, band-limited with the speech
-        wave = audio.mix_at_snr(wave, audio.coloured_noise(len(wave), 0.0, rng), snr)
-        wave = audio.telephone(wave)
-        acoustics = {"rt60": round(rt60, 3), "drr_db": round(drr, 2), "snr_db": round(snr, 2)}
-    return audio.normalise_level(wave, float(rng.uniform(-28.0, -18.0))), acoustics, plan.text
-
-
-def _overlap(main: np.ndarray, plan: UtterancePlan, engine: Espeak, rng: np.random.Generator,
-             below_db: tuple[float, float] = (0.0, 6.0)
-             ) -> tuple[np.ndarray, dict[str, float | str]]:
-    """``main`` (S,) with the plan's second talker starting 10-60 % into it, ``below_db`` dB
-    quieter (speech power against speech power), the clip lengthened to wherever that talker
-    stops."""
-    text, speaker = plan.interferer
-    other = speak(engine, text, plan.language, speaker)
-    start = int(rng.uniform(0.1, 0.6) * len(main))
-    below_db = float(rng.uniform(*below_db))
-    gain = audio.rms(main) / max(audio.rms(other), 1e-12) * 10.0 ** (-below_db / 20.0)
-    mix = np.zeros(max(len(main), start + len(other)), dtype=np.float32)
-    mix[: len(main)] += main
-    mix[start : start + len(other)] += gain * other
-    overlap = (min(len(main), start + len(other)) - start) / audio.SAMPLE_RATE
-    return mix, {"interferer_db_below": round(below_db, 2),
-                 "interferer_start_s": round(start / audio.SAMPLE_RATE, 3),
-                 "overlap_s": round(overlap, 3), "interferer": speaker.label}
-
-
-def _nonspeech(plan: UtterancePlan, engine: Espeak,
-               rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float | str]]:
-    """1-8 s with no speech to transcribe: babble, coloured noise, tones or near-silence."""
-    n = int(rng.uniform(1.0, 8.0) * SAMPLE_RATE)
-    kind = plan.nonspeech
-    acoustics: dict[str, float | str] = {"nonspeech": kind}
-    if kind == "babble":
-        talkers = [speak(engine, t, plan.language, s) for t, s in plan.babble]
-        wave = audio.babble(talkers, n, rng)
-        acoustics["talkers"] = len(talkers)
-    elif kind == "noise":
-        alpha = float(rng.choice([0.0, 1.0, 2.0]))
-        wave = audio.coloured_noise(n, alpha, rng)
-        acoustics["alpha"] = alpha
-    elif kind == "tones":
-        wave = audio.tones(n, rng)
-    elif kind == "silence":
-        wave = audio.coloured_noise(n, 1.0, rng)
-    elif kind == "hum":
-        wave = audio.hum(n, rng)
-    elif kind == "band":
-        wave = audio.band_noise(n, rng)
-    else:
-        raise ValueError(f"unknown nonspeech kind {kind!r}; one of "
-                         f"{NONSPEECH_KINDS + MIX_NONSPEECH_KINDS}")
-    # Near-silence is a faint noise floor; the others sit at the speech sets' levels.
-    level = float(rng.uniform(-65.0, -50.0) if kind == "silence" else rng.uniform(-30.0, -18.0))
-    acoustics["rms_db"] = round(level, 2)
-    return audio.normalise_level(wave, level), acoustics
-
-
-def _long(plan: UtterancePlan, engine: Espeak,
-          rng: np.random.Generator) -> tuple[np.ndarray, str, dict[str, float | str]]:
-    """The plan's sentences by one speaker, 0.2-0.6 s of silence apart, added in order until
-    the clip lasts ``LONG_SECONDS[0]`` with at least two sentences; a sentence that would take
-    it past ``LONG_SECONDS[1]`` is passed over for the next one."""
-    pieces: list[np.ndarray] = []
-    spoken: list[str] = []
-    length = 0
-    low, high = (int(s * SAMPLE_RATE) for s in LONG_SECONDS)
-    for text in (plan.text, *plan.more_text):
-        if len(spoken) >= 2 and length >= low:
-            break
-        wave = speak(engine, text, plan.language, plan.speaker)
-        pause = np.zeros(int(rng.uniform(0.2, 0.6) * SAMPLE_RATE), dtype=np.float32)
-        extra = len(wave) + (len(pause) if pieces else 0)
-        if pieces and length + extra > high:
-            continue
-        if pieces:
-            pieces.append(pause)
-        pieces.append(wave)
-        spoken.append(text)
-        length += extra
-    return np.concatenate(pieces), " ".join(spoken), {"sentences": len(spoken)}
 
 
 def _render_chunk(job: tuple[str, list[UtterancePlan]]) -> list[dict]:

@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from speechrl import generate
-from speechrl.generate import DecodingOptions, PreallocatedLayer, decode
+from speechrl import kvcache
+from speechrl.generate import DecodingOptions, decode
+from speechrl.kvcache import PreallocatedLayer
 
 V, D, EOS, PAD = 48, 32, 2, 0
 LENGTHS = (7, 3, 5)
@@ -135,5 +136,5 @@ def test_sliding_window_layers_keep_their_own_cache():
     config = Qwen2Config(vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
                          sliding_window=4, max_window_layers=1)
-    kinds = [type(layer) for layer in generate.preallocated_cache(config, 16).layers]
+    kinds = [type(layer) for layer in kvcache.preallocated_cache(config, 16).layers]
     assert kinds[0] is PreallocatedLayer and kinds[1] is not PreallocatedLayer

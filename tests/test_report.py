@@ -290,7 +290,7 @@ def test_set_without_reference_words(tmp_path: Path) -> None:
 
 
 def test_findings_state_each_change_with_its_interval_and_verdict(tmp_path: Path) -> None:
-    from speechrl.report import Finding, finding_verdict
+    from speechrl.report_changes import Finding, finding_verdict
 
     # 20 clips of "one two three four" (80 reference words). sft inserts 4 words on each clip
     # (Ins 100 %); "half" inserts 3 (75 %: a quarter fewer), "none" nothing, "worse" 5.

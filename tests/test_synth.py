@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from speechrl import synth
+from speechrl import espeak, synth
 from speechrl.manifest import read_manifest
 from speechrl.textgen import LANGUAGES
 
@@ -82,7 +82,7 @@ def test_eval_utts_sizes_the_other_sets_apart_from_train():
 
 def espeak_available() -> bool:
     try:
-        synth._load_espeak()
+        espeak._load_espeak()
     except RuntimeError:
         return False
     return True

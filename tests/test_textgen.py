@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from speechrl import textgen
-from speechrl.textgen import LANGUAGES, Noun, SentenceGenerator, spell_number
+from speechrl.number_words import spell_number
+from speechrl.textgen import LANGUAGES, Noun, SentenceGenerator
 
 LETTERS = re.compile(r"^[a-zàâäçéèêëîïôöùûüÿœæßñáíóúì]+$")
 

@@ -1,0 +1,164 @@
+"""Changes of a checkpoint against the baseline, with paired bootstrap intervals, and the
+paper's findings checked with them.
+
+Every figure of :data:`CHANGE_FIGURES` is a pooled ratio of per-utterance numbers, so its
+change between two checkpoints on the same utterances gets a paired bootstrap 95 % interval
+over utterances (:func:`speechrl.metrics.paired_bootstrap`), in points for percentages, and is
+significant when the interval leaves out 0. A :class:`Finding` is a "lower is better" claim
+whose verdict follows from such a change. The scores come from ``speechrl.report``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from speechrl.metrics import has_loop, paired_bootstrap
+
+if TYPE_CHECKING:
+    from speechrl.report import SetScores
+
+# The figures whose change against the baseline gets an interval: key -> (label, scale). Each is
+# a pooled ratio of per-utterance numbers (see _utterance_columns); scale 100 shows a percentage.
+CHANGE_FIGURES: dict[str, tuple[str, float]] = {
+    "wer_pct": ("WER", 100.0),
+    "ins_pct": ("Ins", 100.0),
+    "del_pct": ("Del", 100.0),
+    "sub_pct": ("Sub", 100.0),
+    "loop_pct": ("Loops", 100.0),
+    "length_ratio": ("Hyp/ref length", 1.0),
+    "output_pct": ("Clips with output", 100.0),
+    "words_per_clip": ("Words per clip", 1.0),
+}
+# Those defined only where the references have words.
+_NEEDS_REFERENCE_WORDS = ("wer_pct", "ins_pct", "del_pct", "sub_pct", "length_ratio")
+
+
+# --------------------------------------------------------------------------- changes
+
+
+def _utterance_columns(s: SetScores) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per utterance, the numerator and denominator of every figure of CHANGE_FIGURES, in
+    the set's utterance order: pooled, sum(num) / sum(den) is the figure."""
+    counts = [u.counts for u in s.utterances]
+    ref_words = np.array([c.ref_words for c in counts], dtype=np.float64)
+    hyp_words = np.array([len(u.hyp_norm.split()) for u in s.utterances], dtype=np.float64)
+    ones = np.ones(len(counts))
+    with_ref = (ref_words > 0).astype(np.float64)
+    return {
+        "wer_pct": (np.array([c.errors for c in counts], dtype=np.float64), ref_words),
+        "ins_pct": (np.array([c.insertions for c in counts], dtype=np.float64), ref_words),
+        "del_pct": (np.array([c.deletions for c in counts], dtype=np.float64), ref_words),
+        "sub_pct": (np.array([c.substitutions for c in counts], dtype=np.float64), ref_words),
+        "loop_pct": (np.array([has_loop(u.hyp_norm.split()) for u in s.utterances],
+                              dtype=np.float64), ones),
+        "length_ratio": (np.divide(hyp_words, ref_words, out=np.zeros_like(hyp_words),
+                                   where=ref_words > 0), with_ref),
+        "output_pct": ((hyp_words > 0).astype(np.float64), ones),
+        "words_per_clip": (hyp_words, ones),
+    }
+
+
+class Changes:
+    """Changes of each checkpoint against a baseline on the same utterances, with their paired
+    bootstrap intervals; computed once per (baseline, checkpoint, set, languages)."""
+
+    def __init__(self, scores: dict[str, dict[str, SetScores]]) -> None:
+        self.scores = scores
+        self._cache: dict[tuple, dict[str, dict[str, Any]] | None] = {}
+
+    def get(self, base: str, ckpt: str, set_name: str,
+            languages: Sequence[str] | None = None) -> dict[str, dict[str, Any]] | None:
+        """{figure: {"delta", "low", "high", "level", "significant"}} of ``ckpt`` minus
+        ``base`` on ``set_name`` (pooled over ``languages``; None: the whole set), in the
+        figures' units (points for percentages); None when either lacks the set or the
+        languages hold no utterance. Figures undefined on the utterances are left out."""
+        key = (base, ckpt, set_name, None if languages is None else tuple(sorted(languages)))
+        if key not in self._cache:
+            self._cache[key] = self._compute(base, ckpt, set_name, key[3])
+        return self._cache[key]
+
+    def _compute(self, base: str, ckpt: str, set_name: str,
+                 languages: tuple[str, ...] | None) -> dict[str, dict[str, Any]] | None:
+        a, b = self.scores[base].get(set_name), self.scores[ckpt].get(set_name)
+        if a is None or b is None or base == ckpt:
+            return None
+        keep = [i for i, u in enumerate(a.utterances)
+                if languages is None or u.hypothesis.language in languages]
+        if not keep:
+            return None
+        position = {u.hypothesis.id: i for i, u in enumerate(b.utterances)}
+        paired = [position[a.utterances[i].hypothesis.id] for i in keep]
+        cols_a, cols_b = _utterance_columns(a), _utterance_columns(b)
+        has_words = cols_a["wer_pct"][1][keep].sum() > 0
+        names = [k for k in CHANGE_FIGURES if has_words or k not in _NEEDS_REFERENCE_WORDS]
+        intervals = paired_bootstrap(
+            np.stack([cols_a[k][0][keep] for k in names], axis=1),
+            np.stack([cols_b[k][0][paired] for k in names], axis=1),
+            np.stack([cols_a[k][1][keep] for k in names], axis=1))
+        return {k: interval.scaled(CHANGE_FIGURES[k][1]).to_dict()
+                for k, interval in zip(names, intervals, strict=True)}
+
+
+# --------------------------------------------------------------------------- findings
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A claim of the paper checked on the evaluation: ``checkpoint`` has a lower ``figure``
+    (a key of CHANGE_FIGURES) than ``baseline`` on ``set_name``, by at least ``cut`` of the
+    baseline's value (0.5: "by more than half"; 0: any drop). The report states the change with
+    its paired bootstrap interval and a verdict: ``reproduced`` (significant, and at least the
+    cut), ``partly`` (significant but short of the cut), ``noise`` (the interval holds 0) or
+    ``opposite`` (significant, the other way)."""
+
+    claim: str
+    set_name: str
+    figure: str
+    checkpoint: str
+    baseline: str
+    cut: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.figure not in CHANGE_FIGURES:
+            raise ValueError(f"finding {self.claim!r}: figure must be one of "
+                             f"{', '.join(CHANGE_FIGURES)}, got {self.figure!r}")
+        if not 0.0 <= self.cut < 1.0:
+            raise ValueError(f"finding {self.claim!r}: cut {self.cut} must lie in [0, 1)")
+
+
+def _figure_value(s: SetScores, figure: str) -> float | None:
+    num, den = _utterance_columns(s)[figure]
+    return float(num.sum() / den.sum() * CHANGE_FIGURES[figure][1]) if den.sum() > 0 else None
+
+
+def finding_verdict(delta: float, low: float, high: float, base_value: float,
+                    cut: float) -> str:
+    """The verdict of a "lower is better" finding (:class:`Finding`) from its change."""
+    if low <= 0.0 <= high:
+        return "noise"
+    if delta > 0:
+        return "opposite"
+    return "reproduced" if -delta >= cut * base_value else "partly"
+
+
+def finding_entry(f: Finding, scores: dict[str, dict[str, SetScores]],
+                  changes: Changes) -> dict[str, Any]:
+    """The finding as it is written in report.json: its fields, both values, the change
+    with its interval and the verdict ("not evaluated" when its checkpoints or set were not)."""
+    entry: dict[str, Any] = {**asdict(f), "base_value": None, "value": None, "change": None,
+                             "verdict": "not evaluated"}
+    a = scores.get(f.baseline, {}).get(f.set_name)
+    b = scores.get(f.checkpoint, {}).get(f.set_name)
+    change = changes.get(f.baseline, f.checkpoint, f.set_name) if a and b else None
+    c = (change or {}).get(f.figure)
+    if c is None or c["delta"] is None:
+        return entry
+    entry.update(base_value=_figure_value(a, f.figure), value=_figure_value(b, f.figure),
+                 change=c)
+    entry["verdict"] = finding_verdict(c["delta"], c["low"], c["high"], entry["base_value"],
+                                       f.cut)
+    return entry
