@@ -62,8 +62,8 @@ def render(plan: UtterancePlan,
     elif plan.condition == "mix_noisy":
         snr = float(rng.uniform(5.0, 20.0))
         if plan.babble:
-            talkers = [speak(engine, t, plan.language, s) for t, s in plan.babble]
-            noise, kind = audio.babble(talkers, len(wave), rng), f"babble{len(talkers)}"
+            noise, talkers = _babble(plan, engine, len(wave), rng)
+            kind = f"babble{talkers}"
         else:
             kind = "hum" if rng.random() < 0.5 else "band"
             noise = audio.hum(len(wave), rng) if kind == "hum" else audio.band_noise(len(wave),
@@ -73,8 +73,8 @@ def render(plan: UtterancePlan,
     elif plan.condition == "noisy":
         snr = float(rng.uniform(0.0, 10.0))
         if plan.babble:
-            talkers = [speak(engine, t, plan.language, s) for t, s in plan.babble]
-            noise, kind = audio.babble(talkers, len(wave), rng), f"babble{len(talkers)}"
+            noise, talkers = _babble(plan, engine, len(wave), rng)
+            kind = f"babble{talkers}"
         else:
             alpha = float(rng.choice([0.0, 1.0, 2.0]))
             noise, kind = audio.coloured_noise(len(wave), alpha, rng), f"noise_alpha{alpha:g}"
@@ -94,6 +94,13 @@ def render(plan: UtterancePlan,
         wave = audio.telephone(wave)
         acoustics = {"rt60": round(rt60, 3), "drr_db": round(drr, 2), "snr_db": round(snr, 2)}
     return audio.normalise_level(wave, float(rng.uniform(-28.0, -18.0))), acoustics, plan.text
+
+
+def _babble(plan: UtterancePlan, engine: Espeak, n: int,
+            rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """The plan's babble talkers spoken and mixed into ``n`` samples, and how many they are."""
+    talkers = [speak(engine, t, plan.language, s) for t, s in plan.babble]
+    return audio.babble(talkers, n, rng), len(talkers)
 
 
 def _overlap(main: np.ndarray, plan: UtterancePlan, engine: Espeak, rng: np.random.Generator,
@@ -123,9 +130,7 @@ def _nonspeech(plan: UtterancePlan, engine: Espeak,
     kind = plan.nonspeech
     acoustics: dict[str, float | str] = {"nonspeech": kind}
     if kind == "babble":
-        talkers = [speak(engine, t, plan.language, s) for t, s in plan.babble]
-        wave = audio.babble(talkers, n, rng)
-        acoustics["talkers"] = len(talkers)
+        wave, acoustics["talkers"] = _babble(plan, engine, n, rng)
     elif kind == "noise":
         alpha = float(rng.choice([0.0, 1.0, 2.0]))
         wave = audio.coloured_noise(n, alpha, rng)
