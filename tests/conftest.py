@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tones import write_tone_corpus
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from speechrl.config import EncoderConfig, LLMConfig, ModelConfig, ProjectorConfig
@@ -124,3 +125,12 @@ def random_fbank() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
         return feats, torch.tensor(lengths)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tone_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """48 training and 8 dev utterances of the tone corpus (tests/tones.py), written once and
+    read, never written, by the tests that take it."""
+    root = tmp_path_factory.mktemp("tones")
+    return {"train": write_tone_corpus(root / "train", 48, seed=0),
+            "dev": write_tone_corpus(root / "dev", 8, seed=1)}

@@ -29,7 +29,8 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
-from test_train import run_config, write_tone_corpus
+from test_train import run_config
+from tones import write_tone_corpus
 
 import speechrl
 from speechrl.configio import to_dict

@@ -55,7 +55,8 @@ def runs(tmp_path_factory, tiny_model_config_module) -> dict[str, Path]:
     resumes."""
     import dataclasses
 
-    from test_train import run_config, write_tone_corpus
+    from test_train import run_config
+    from tones import write_tone_corpus
 
     root = tmp_path_factory.mktemp("dist")
     corpus = {"train": write_tone_corpus(root / "train", 48, seed=0),

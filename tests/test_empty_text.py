@@ -9,7 +9,8 @@ import json
 import numpy as np
 import soundfile as sf
 import torch
-from test_train import SR, run_config, write_tone_corpus
+from test_train import run_config
+from tones import SR, write_tone_corpus
 
 from speechrl.config import DataConfig
 from speechrl.data import make_dataloader

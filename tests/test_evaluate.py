@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train import write_tone_corpus
+from tones import write_tone_corpus
 
 from speechrl import generate as generate_module
 from speechrl.evaluate import decode_manifest, decoding_options

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import yaml
-from test_train import run_config, write_tone_corpus
+from test_train import run_config
+from tones import write_tone_corpus
 
 from speechrl.config import DataConfig, DecodingConfig, GRPOConfig
 from speechrl.configio import to_dict

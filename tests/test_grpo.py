@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import run_config, write_tone_corpus
+from test_train import run_config
+from tones import write_tone_corpus
 
 from speechrl.config import DECODING, DecodingConfig, GRPOConfig
 from speechrl.train import grpo as grpo_stage

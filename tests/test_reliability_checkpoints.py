@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from test_reliability_resume import sft_config
-from test_train import write_tone_corpus
+from tones import write_tone_corpus
 
 from speechrl.config import RunConfig
 from speechrl.configio import to_dict

@@ -19,7 +19,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_train import assert_same_checkpoint, run_config, stop_after, write_tone_corpus
+from test_train import assert_same_checkpoint, run_config, stop_after
+from tones import write_tone_corpus
 
 from speechrl.config import DecodingConfig, GRPOConfig, RunConfig
 from speechrl.configio import to_dict

@@ -10,17 +10,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import logged, run_config, write_tone_corpus
+from test_train import logged, run_config
 
 from speechrl.config import DataConfig, RunConfig
 from speechrl.data import SpeechDataset
-
-
-@pytest.fixture(scope="module")
-def tone_corpus(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tones")
-    return {"train": write_tone_corpus(root / "train", 48, seed=0),
-            "dev": write_tone_corpus(root / "dev", 8, seed=1)}
 
 
 def test_sft_with_cached_encoder_outputs_matches_uncached(tmp_path, tone_corpus, tiny_model_config,

@@ -11,7 +11,8 @@ import peft
 import pytest
 import torch
 from test_grpo import grpo_config
-from test_train import run_config, write_tone_corpus
+from test_train import run_config
+from tones import write_tone_corpus
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,

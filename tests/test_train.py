@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
@@ -28,42 +27,6 @@ from speechrl.config import (
     SFTConfig,
     TrainConfig,
 )
-
-WORDS = ["the", "cat", "sat", "on", "mat", "hello", "world", "test"]
-SR = 16000
-
-
-def word_audio(word: str) -> np.ndarray:
-    """0.2 s of two tones whose frequencies identify the word."""
-    k = WORDS.index(word)
-    t = np.arange(int(0.2 * SR)) / SR
-    low, high = 300 + 150 * k, 2000 + 90 * k
-    return 0.3 * np.sin(2 * np.pi * low * t) + 0.2 * np.sin(2 * np.pi * high * t)
-
-
-def write_tone_corpus(folder: Path, n: int, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        words = [WORDS[j] for j in rng.integers(0, len(WORDS), rng.integers(2, 5))]
-        gap = np.zeros(int(0.05 * SR))
-        audio = np.concatenate([np.concatenate([word_audio(w), gap]) for w in words])
-        audio = (audio + 0.01 * rng.standard_normal(len(audio))).astype(np.float32)
-        name = f"utt{i:03d}.wav"
-        sf.write(folder / name, audio, SR)
-        rows.append({"id": f"utt{i:03d}", "audio": name, "text": " ".join(words),
-                     "language": "en", "duration": len(audio) / SR})
-    manifest = folder / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return manifest
-
-
-@pytest.fixture(scope="module")
-def tone_corpus(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tones")
-    return {"train": write_tone_corpus(root / "train", 48, seed=0),
-            "dev": write_tone_corpus(root / "dev", 8, seed=1)}
 
 
 def run_config(tmp_path: Path, corpus, model_cfg: ModelConfig, **train) -> RunConfig:

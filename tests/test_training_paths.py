@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import run_config, write_tone_corpus
+from test_train import run_config
+from tones import write_tone_corpus
 
 from speechrl.config import DecodingConfig, GRPOConfig, LoraConfig, RunConfig
 
