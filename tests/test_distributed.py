@@ -47,7 +47,7 @@ def cli(argv: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_config_module) -> dict[str, Path]:
+def runs(tmp_path_factory, tone_corpus, tiny_model_config_module) -> dict[str, Path]:
     """The same jobs run by one process here and by two under torchrun: three SFT steps (DDP and
     FSDP2) ending with a dev evaluation, three steps of each pre-training stage, one GRPO step
     (the GRPO preset; DAPO's token mean with batch-std advantages), and an evaluation. The two
@@ -59,8 +59,7 @@ def runs(tmp_path_factory, tiny_model_config_module) -> dict[str, Path]:
     from tones import write_tone_corpus
 
     root = tmp_path_factory.mktemp("dist")
-    corpus = {"train": write_tone_corpus(root / "train", 48, seed=0),
-              "dev": write_tone_corpus(root / "dev", 8, seed=1),
+    corpus = {**tone_corpus,
               # Over 120 s of audio: three eval batches of up to 60 s; rank 0 decodes the
               # first and the third, which must come back in order around the second.
               "test": write_tone_corpus(root / "test", 170, seed=2)}

@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_train import run_config
-from tones import write_tone_corpus
 
 from speechrl.config import DECODING, DecodingConfig, GRPOConfig
 from speechrl.train import grpo as grpo_stage
@@ -95,16 +94,14 @@ def test_without_dynamic_sampling_all_groups_are_kept(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def sft_model(tmp_path_factory, tiny_model_config_module):
+def sft_model(tmp_path_factory, tone_corpus, tiny_model_config_module):
     """The tiny speech-LLM after 150 SFT steps on the tone corpus."""
     from speechrl.train.sft import train_sft
 
     root = tmp_path_factory.mktemp("grpo")
-    corpus = {"train": write_tone_corpus(root / "train", 48, seed=0),
-              "dev": write_tone_corpus(root / "dev", 8, seed=1)}
-    cfg = run_config(root / "sft", corpus, tiny_model_config_module, max_steps=150,
+    cfg = run_config(root / "sft", tone_corpus, tiny_model_config_module, max_steps=150,
                      eval_every=150)
-    return train_sft(cfg), corpus, root
+    return train_sft(cfg), tone_corpus, root
 
 
 def rolled_references(inner, group_size: int):
