@@ -134,3 +134,12 @@ def tone_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tones")
     return {"train": write_tone_corpus(root / "train", 48, seed=0),
             "dev": write_tone_corpus(root / "dev", 8, seed=1)}
+
+
+@pytest.fixture(scope="session")
+def small_tone_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """32 training and 4 dev utterances of the tone corpus, for the reliability tests' short
+    runs (stopped, resumed, corrupted checkpoints); written once, never written by a test."""
+    root = tmp_path_factory.mktemp("reliability")
+    return {"train": write_tone_corpus(root / "train", 32, seed=0),
+            "dev": write_tone_corpus(root / "dev", 4, seed=1)}

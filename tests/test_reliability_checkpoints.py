@@ -14,17 +14,14 @@ import pytest
 import torch
 import yaml
 from test_reliability_resume import sft_config
-from tones import write_tone_corpus
 
 from speechrl.config import RunConfig
 from speechrl.configio import to_dict
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("reliability")
-    return {"train": write_tone_corpus(root / "train", 32, seed=0),
-            "dev": write_tone_corpus(root / "dev", 4, seed=1)}
+@pytest.fixture
+def corpus(small_tone_corpus) -> dict[str, Path]:
+    return small_tone_corpus
 
 
 # --------------------------------------------------------------------------- trust_remote_code

@@ -20,17 +20,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from test_train import assert_same_checkpoint, run_config, stop_after
-from tones import write_tone_corpus
 
 from speechrl.config import DecodingConfig, GRPOConfig, RunConfig
 from speechrl.configio import to_dict
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("reliability")
-    return {"train": write_tone_corpus(root / "train", 32, seed=0),
-            "dev": write_tone_corpus(root / "dev", 4, seed=1)}
+@pytest.fixture
+def corpus(small_tone_corpus) -> dict[str, Path]:
+    return small_tone_corpus
 
 
 def sft_config(root: Path, corpus, model_cfg, **train) -> RunConfig:
