@@ -25,7 +25,7 @@ from speechrl.config import DecodingConfig, GRPOConfig, RunConfig
 from speechrl.configio import to_dict
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def corpus(small_tone_corpus) -> dict[str, Path]:
     return small_tone_corpus
 
