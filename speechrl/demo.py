@@ -48,10 +48,11 @@ class DemoScale:
 # tokens, the tiny LLM reads the speech (rather than guessing from its text prior) only after
 # about 4,000 utterances of each language and keeps improving to the end (docs/results.md);
 # 3000 training sentences a language keep it from memorising the transcripts meanwhile. The
-# encoder's CTC runs without dropout: on this corpus it is underfitted, not overfitted (dev CER
-# 5.18 % after 750 steps without dropout against 5.65 % after 900 with 0.1), and the dropout
-# masks were a quarter of the fp32 CTC step (docs/results.md, ninth session). Far fewer steps
-# hurt: with 360, SFT ended at 25.6 % test WER against 15.4 % with 900.
+# encoder's CTC runs without dropout: on this corpus it underfits rather than overfits (dev CER
+# 5.9 % after 750 steps without dropout against 5.65 % after 900 with 0.1, SFT then 16.34
+# against 15.82 % test WER), and the dropout masks cost a third of the fp32 CTC step (0.26
+# against 0.39 s: docs/results.md, ninth session). Far fewer steps hurt: with 360, SFT ended
+# at 25.6 % test WER against 15.4 % with 900.
 FULL = DemoScale(utts=3000, eval_utts=1000, lm_steps=200, ctc_steps=750, sft_steps=1700,
                  grpo_steps=200, grpo_batch=16, adapt_steps=60, eval_every=425)
 QUICK = DemoScale(utts=60, eval_utts=None, lm_steps=60, ctc_steps=60, sft_steps=120,
