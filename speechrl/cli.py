@@ -296,7 +296,7 @@ def _check_synth_arguments(args: argparse.Namespace) -> None:
         raise ConfigError(f"--langs {args.langs}: {', '.join(unknown) or 'no language'} not "
                           f"in the corpus; choose from {','.join(LANGUAGES)}")
     for option, value in (("--utts", args.utts), ("--eval-utts", args.eval_utts),
-                          ("--workers", args.workers)):
+                          ("--test-utts", args.test_utts), ("--workers", args.workers)):
         if value is not None and value < 1:
             raise ConfigError(f"{option} {value}: give at least 1")
     from speechrl.synth import TrainMix

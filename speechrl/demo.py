@@ -41,6 +41,7 @@ class DemoScale:
     adapt_steps: int
     eval_every: int
     grpo_batch: int = 8  # audios a GRPO step, each with a group of G candidates
+    test_utts: int | None = None  # in-domain test utterances a language (None: its share)
     languages: tuple[str, ...] = DEMO_LANGUAGES
 
 
@@ -53,8 +54,11 @@ class DemoScale:
 # against 15.82 % test WER), and the dropout masks cost a third of the fp32 CTC step (0.26
 # against 0.39 s: docs/results.md, ninth session). Far fewer steps hurt: with 360, SFT ended
 # at 25.6 % test WER against 15.4 % with 900.
+# The in-domain test set holds 500 utterances a language, five times its share: on 200 the
+# paired interval of a WER change was about +-2 points, wider than the gain GRPO makes there
+# (0.7-1.3 points on 1,000: docs/results.md, ninth session); it costs the demo about a minute.
 FULL = DemoScale(utts=3000, eval_utts=1000, lm_steps=200, ctc_steps=750, sft_steps=1700,
-                 grpo_steps=200, grpo_batch=16, adapt_steps=60, eval_every=425)
+                 grpo_steps=200, grpo_batch=16, adapt_steps=60, eval_every=425, test_utts=500)
 QUICK = DemoScale(utts=60, eval_utts=None, lm_steps=60, ctc_steps=60, sft_steps=120,
                   grpo_steps=15, grpo_batch=8, adapt_steps=10, eval_every=60)
 
@@ -234,7 +238,8 @@ def run_demo(out: str | Path, quick: bool = False, scale: DemoScale | None = Non
     if not (out / "data" / "corpus.json").exists():
         say(f"== synth: the corpus (espeak-ng; {', '.join(scale.languages)}; domain shifts)")
         synthesize_corpus(out / "data", langs=scale.languages, utts=scale.utts,
-                          eval_utts=scale.eval_utts, seed=0, grpo_mix=TrainMix.parse(GRPO_MIX))
+                          eval_utts=scale.eval_utts, test_utts=scale.test_utts, seed=0,
+                          grpo_mix=TrainMix.parse(GRPO_MIX))
     o = stage_overrides(out, scale, precision)
     run_stage("LM pre-training (eq. 1)", "pretrain-lm", o["pretrain-lm"])
     run_stage("encoder CTC pre-training", "pretrain-encoder", o["pretrain-encoder"])

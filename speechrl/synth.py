@@ -184,30 +184,39 @@ class UtterancePlan:
     more_text: tuple[str, ...] = ()
 
 
-def set_sizes(utts: int, eval_utts: int | None = None) -> dict[str, int]:
+def set_sizes(utts: int, eval_utts: int | None = None,
+              test_utts: int | None = None) -> dict[str, int]:
     """Utterances per language for each set: ``utts`` for train, and for the other sets their
     share of ``eval_utts`` (default ``utts``), so more training data need not mean longer
-    evaluations."""
+    evaluations. ``test_utts`` sizes the in-domain test set alone (its share otherwise): a
+    paired interval narrows with the square root of the utterances it resamples."""
     base = utts if eval_utts is None else eval_utts
     if utts < 1 or base < 1:
         raise ValueError(f"utts and eval_utts (utterances per language) must be >= 1, got "
                          f"{utts} and {eval_utts}")
-    return {s.name: max(1, round(s.share * (utts if s.name in TRAINING_SETS else base)))
-            for s in SETS}
+    if test_utts is not None and test_utts < 1:
+        raise ValueError(f"test_utts (utterances per language) must be >= 1, got {test_utts}")
+    sizes = {s.name: max(1, round(s.share * (utts if s.name in TRAINING_SETS else base)))
+             for s in SETS}
+    if test_utts is not None:
+        sizes["test"] = test_utts
+    return sizes
 
 
 def plan_corpus(langs: Sequence[str], utts: int, seed: int,
                 eval_utts: int | None = None, train_mix: TrainMix | None = None,
-                grpo_mix: TrainMix | None = None) -> list[UtterancePlan]:
+                grpo_mix: TrainMix | None = None,
+                test_utts: int | None = None) -> list[UtterancePlan]:
     """Every utterance of the corpus: text, speaker and condition, from ``seed`` alone.
 
     No sentence appears twice in a language, so the test sets share no text with training
     (a probe's interfering or babbling talkers may say anything: they are not transcribed).
     ``train_mix`` degrades some training utterances and adds non-speech ones, ``grpo_mix`` the
     same for ``grpo_train``; each draws from generators of its own, so every other utterance
-    stays as in the clean corpus.
+    stays as in the clean corpus. So does every other set when ``test_utts`` changes, but for
+    a sentence that the longer test set happens to take first (sentences are unique).
     """
-    sizes = set_sizes(utts, eval_utts)
+    sizes = set_sizes(utts, eval_utts, test_utts)
     plans = []
     for li, lang in enumerate(langs):
         generator = SentenceGenerator(lang)
@@ -342,6 +351,7 @@ def synthesize_corpus(
     eval_utts: int | None = None,
     train_mix: TrainMix | None = None,
     grpo_mix: TrainMix | None = None,
+    test_utts: int | None = None,
 ) -> dict[str, Path]:
     """Write the corpus under ``out_dir``; returns {set name: manifest path}.
 
@@ -351,6 +361,8 @@ def synthesize_corpus(
     instead when given. ``workers`` defaults to the CPUs available. ``train_mix`` degrades
     some training utterances and adds non-speech training clips (:class:`TrainMix`);
     ``grpo_mix`` does the same to ``grpo_train`` (20 % of ``utts``, sentences SFT never sees).
+    ``test_utts`` sizes the in-domain test set alone; its first utterances are those of the
+    default size.
     """
     langs = tuple(langs)
     unknown = [lang for lang in langs if lang not in LANGUAGES]
@@ -358,7 +370,7 @@ def synthesize_corpus(
         raise ValueError(f"languages {unknown or '(none)'} not supported; choose from {LANGUAGES}")
     out = Path(out_dir)
     version = espeak_version()  # fails early, with advice, when espeak-ng is missing
-    plans = plan_corpus(langs, utts, seed, eval_utts, train_mix, grpo_mix)
+    plans = plan_corpus(langs, utts, seed, eval_utts, train_mix, grpo_mix, test_utts)
     for spec in SETS:
         shutil.rmtree(out / "audio" / spec.name, ignore_errors=True)
         (out / "audio" / spec.name).mkdir(parents=True)
@@ -452,6 +464,10 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--eval-utts", type=int, default=None,
                         help="size the dev, test, out-of-domain and adaptation sets from this "
                              "many utterances per language instead of --utts")
+    parser.add_argument("--test-utts", type=int, default=None,
+                        help="utterances per language of the in-domain test set alone (default: "
+                             "its share, 10 %% of --eval-utts or --utts); more of them narrow "
+                             "the intervals of in-domain WER changes")
     parser.add_argument("--train-mix", default="", metavar="noisy=S,overlap=S,nonspeech=S",
                         help="degrade these shares of the training utterances (noisy, "
                              "overlapped) and add non-speech clips with empty references, with "
@@ -470,6 +486,7 @@ def synth_main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     manifests = synthesize_corpus(args.out, langs=langs, utts=args.utts, seed=args.seed,
                                   workers=args.workers, eval_utts=args.eval_utts,
+                                  test_utts=args.test_utts,
                                   train_mix=TrainMix.parse(args.train_mix),
                                   grpo_mix=TrainMix.parse(args.grpo_mix))
     elapsed = time.perf_counter() - start

@@ -105,6 +105,7 @@ BEFORE_ANY_WORK = [
     (["synth", "--out", "corpus", "--langs", "en,xx"], 2,
      "synth: --langs en,xx: xx not in the corpus; choose from en,fr,de,it,es"),
     (["synth", "--out", "corpus", "--utts", "0"], 2, "synth: --utts 0: give at least 1"),
+    (["synth", "--out", "corpus", "--test-utts", "0"], 2, "synth: --test-utts 0: give at least 1"),
     (["eval", "--checkpoint", "a", "--data", "d.jsonl", "--out", "o", "--device", "gpu"], 2,
      "speechrl eval: argument --device: unknown device 'gpu'; use auto, cpu, cuda, cuda:N or mps "
      "(see speechrl eval --help)"),

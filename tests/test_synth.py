@@ -77,6 +77,24 @@ def test_eval_utts_sizes_the_other_sets_apart_from_train():
         synth.set_sizes(10, eval_utts=0)
 
 
+def test_test_utts_sizes_the_test_set_alone_and_extends_it():
+    default = synth.set_sizes(60, eval_utts=20)
+    assert synth.set_sizes(60, eval_utts=20, test_utts=9) == {**default, "test": 9}
+    plans = synth.plan_corpus(["en", "de"], utts=60, seed=3, eval_utts=20, test_utts=9)
+    base = synth.plan_corpus(["en", "de"], utts=60, seed=3, eval_utts=20)
+    for lang in ("en", "de"):
+        longer = [p for p in plans if p.set_name == "test" and p.language == lang]
+        short = [p for p in base if p.set_name == "test" and p.language == lang]
+        assert (len(longer), len(short)) == (9, 2)
+        assert longer[:2] == short  # the default test set is where the longer one starts
+    # every other set as before (no sentence of the seven more collided with a later set's)
+    assert [p for p in plans if p.set_name != "test"] == [p for p in base if p.set_name != "test"]
+    spoken = [p.text for p in plans if p.text]
+    assert len(spoken) == len(set(spoken))
+    with pytest.raises(ValueError, match="test_utts"):
+        synth.set_sizes(10, test_utts=0)
+
+
 # --------------------------------------------------------------------------- corpus
 
 
