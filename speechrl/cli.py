@@ -6,6 +6,7 @@
     speechrl sft     --config C [key=value ...]
     speechrl grpo    --config C [key=value ...]
     speechrl eval    --checkpoint CKPT [--checkpoint CKPT2 ...] --data MANIFEST [...] --out DIR
+                     [--pool NAME=CKPT2,CKPT3]
     speechrl transcribe --checkpoint CKPT FILE.wav [...]
     speechrl demo    [--out DIR] [--quick]
 

@@ -29,7 +29,7 @@ from speechrl.preflight import check_output_folder
 
 if TYPE_CHECKING:
     from speechrl.report import Hypothesis, ReportPaths, Section
-    from speechrl.report_changes import Finding
+    from speechrl.report_changes import Finding, Pool
 
 # The modules that decode and score import torch, transformers and matplotlib: they are imported
 # inside the functions, so that the command line's --help and argument errors stay fast.
@@ -106,7 +106,8 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
                          trust_remote_code: bool = False,
                          precision: str = "fp32",
                          checkpoint_sets: Mapping[str, Sequence[str]] | None = None,
-                         findings: Sequence[Finding] = ()) -> ReportPaths:
+                         findings: Sequence[Finding] = (),
+                         pools: Sequence[Pool] = ()) -> ReportPaths:
     """Decode each set with each checkpoint and write the report; the first checkpoint is the
     baseline of the changes (with their intervals). The rows of each set left out go to
     ``skips.json`` (``{set: {reason: count}}``) beside the report. Under torchrun the ranks
@@ -115,6 +116,8 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
     switched on by a checkpoint). ``checkpoint_sets`` limits a checkpoint to some of the sets
     (by name; a checkpoint not named decodes them all). ``findings`` are the paper's claims the
     report checks, each with its interval and verdict (:class:`speechrl.report_changes.Finding`).
+    ``pools`` name runs among the checkpoints that differ only in their seed; each pool is
+    reported as one run against the baseline (:class:`speechrl.report_changes.Pool`).
     ``precision``: ``fp32`` (the default), ``bf16`` autocast, or ``auto`` (bf16 on a GPU or on
     a CPU that computes it natively; :mod:`speechrl.runtime`).
 
@@ -122,6 +125,11 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
     after some decoding (a checkpoint whose weights turn out corrupt, a set with no usable row,
     an interruption) still writes the report of what was decoded, and its message says where.
     """
+    for pool in pools:
+        try:
+            pool.check(list(checkpoints))
+        except ValueError as err:
+            raise InputError(f"--{err}") from err
     check_eval_inputs(checkpoints, sets, out_dir, training_metrics, device=device)
     from speechrl import distributed
     from speechrl.checkpoint import CheckpointError, load_model
@@ -154,7 +162,7 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
         if distributed.is_main():
             paths = write_report(out_dir, results, normalizer=normalizer, title=title,
                                  training_metrics=training_metrics, sections=sections,
-                                 curve_keys=curve_keys, findings=findings,
+                                 curve_keys=curve_keys, findings=findings, pools=pools,
                                  provenance=_provenance(checkpoints, sets, beam, precision,
                                                         normalizer, options, skips))
     except BaseException as err:
@@ -279,6 +287,10 @@ def add_eval_arguments(parser) -> None:
     add_trust_remote_code_argument(parser)
     parser.add_argument("--metrics", action="append", default=[],
                         help="NAME=metrics.jsonl of a training run, plotted as curves")
+    parser.add_argument("--pool", action="append", default=[], metavar="NAME=CKPT,CKPT[,...]",
+                        help="report checkpoints that differ only in their seed (by their names "
+                             "in the report) also as one pooled run against the baseline, with "
+                             "its interval beside each run's change; repeat for several")
 
 
 def add_device_argument(parser) -> None:
@@ -348,6 +360,28 @@ def _name_candidates(path: str, checkpoint: bool) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def parse_pools(items: Sequence[str]) -> list[Pool]:
+    """``--pool NAME=CKPT,CKPT[,...]`` items as pools; a malformed one raises
+    :class:`~speechrl.config.InputError` saying what to write."""
+    from speechrl.report_changes import Pool
+
+    pools = []
+    for item in items:
+        name, sep, members = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError(f"pool {item!r}: write NAME=CKPT,CKPT[,...] (checkpoint names as "
+                                 "the report gives them)")
+            pools.append(Pool(name.strip(), tuple(m.strip() for m in members.split(",")
+                                                  if m.strip())))
+        except ValueError as err:
+            raise InputError(f"--{err}") from err
+    names = [p.name for p in pools]
+    if len(set(names)) != len(names):
+        raise InputError(f"--pool: two pools share a name among {names}")
+    return pools
+
+
 def eval_main(args) -> int:
     """``speechrl eval``; its errors are the command line's to report (speechrl.cli)."""
     paths = evaluate_checkpoints(named_inputs(args.checkpoint, "--checkpoint"),
@@ -356,7 +390,7 @@ def eval_main(args) -> int:
                                  device=args.device, max_new_tokens=args.max_new_tokens,
                                  training_metrics=named_inputs(args.metrics, "--metrics") or None,
                                  trust_remote_code=args.trust_remote_code,
-                                 precision=args.precision)
+                                 precision=args.precision, pools=parse_pools(args.pool))
     from speechrl import distributed
 
     if distributed.is_main():

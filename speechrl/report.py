@@ -40,7 +40,7 @@ from speechrl.plots import (
     plot_wer_by_language,
     read_metrics,
 )
-from speechrl.report_changes import Changes, Finding, finding_entry
+from speechrl.report_changes import Changes, Finding, Pool, finding_entry, pooled_changes
 from speechrl.text import get_normalizer
 
 # What each name of speechrl.text.get_normalizer does, for the report's reader.
@@ -258,7 +258,8 @@ def write_report(out_dir: str | Path,
                  sections: Sequence[Section | Mapping[str, Any]] | None = None,
                  curve_keys: Sequence[str] | None = None,
                  provenance: Mapping[str, Any] | None = None,
-                 findings: Sequence[Finding] = ()) -> ReportPaths:
+                 findings: Sequence[Finding] = (),
+                 pools: Sequence[Pool] = ()) -> ReportPaths:
     """Score ``results[checkpoint][set]`` and write the report into ``out_dir``.
 
     Writes ``report.md``, ``report.json`` (every number, the intervals included),
@@ -268,7 +269,9 @@ def write_report(out_dir: str | Path,
     ``provenance`` (JSON-ready: checkpoint paths, manifests, decoding settings, skipped rows)
     is written as it is, and shown at the top of the Markdown. Each of ``findings`` is checked
     and stated with its interval and verdict (:class:`Finding`); one whose checkpoints or set
-    were not evaluated keeps its row, with the verdict "not evaluated".
+    were not evaluated keeps its row, with the verdict "not evaluated". Each of ``pools``
+    (runs of one configuration with different seeds, :class:`Pool`) gets its pooled change
+    against the baseline on every set, with its interval and each run's own change.
     """
     from speechrl.report_markdown import render_markdown
 
@@ -277,6 +280,8 @@ def write_report(out_dir: str | Path,
               for s in (sections or [])]
     scores = score_results(results, normalizer)
     _check_sections(wanted, scores)
+    for pool in pools:
+        pool.check(list(scores))
     runs = {run: (Path(path), read_metrics(path)) for run, path in (training_metrics or {}).items()}
     (out / "hyps").mkdir(parents=True, exist_ok=True)
     hyp_files = _write_hypotheses(out / "hyps", scores)
@@ -286,6 +291,9 @@ def write_report(out_dir: str | Path,
     summary["provenance"] = dict(provenance or {})
     summary["sections"] = [_section_table(s, scores, changes) for s in wanted]
     summary["findings"] = [finding_entry(f, scores, changes) for f in findings]
+    summary["pools"] = [{"name": p.name, "members": list(p.members), "baseline": list(scores)[0],
+                         "sets": pooled_changes(p, list(scores)[0], scores, changes)}
+                        for p in pools]
     summary["plots"] = [{"file": p.name, "caption": c} for p, c in plots.items()]
     (out / "report.json").write_text(
         json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n")

@@ -162,3 +162,75 @@ def finding_entry(f: Finding, scores: dict[str, dict[str, SetScores]],
     entry["verdict"] = finding_verdict(c["delta"], c["low"], c["high"], entry["base_value"],
                                        f.cut)
     return entry
+
+
+# --------------------------------------------------------------------------- seed pools
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Runs of one configuration that differ only in their seed, reported as one against the
+    baseline: ``members`` name evaluated checkpoints (at least two), ``name`` the pool's row.
+
+    The pooled run's per-utterance counts are the members' means, so its change is the mean of
+    the members' changes, and its paired bootstrap interval over utterances holds for these
+    runs together: it narrows as seeds are added only as far as their disagreement allows, and
+    says nothing of where another seed would fall (each member's own change shows the spread)."""
+
+    name: str
+    members: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.members, str):
+            raise ValueError(f"pool {self.name!r}: members must be a list, got {self.members!r}")
+        object.__setattr__(self, "members", tuple(self.members))
+        if not self.name:
+            raise ValueError("a pool needs a name")
+        if len(self.members) < 2:
+            raise ValueError(f"pool {self.name!r}: pool at least two runs, got "
+                             f"{list(self.members)}")
+        if len(set(self.members)) != len(self.members):
+            raise ValueError(f"pool {self.name!r}: a run is named twice in {list(self.members)}")
+
+    def check(self, checkpoints: Sequence[str]) -> None:
+        """Raise ValueError (one line) unless every member is among ``checkpoints`` (whose
+        first is the baseline, which cannot be a member) and the name is not one of them."""
+        unknown = [m for m in self.members if m not in checkpoints]
+        if unknown:
+            raise ValueError(f"pool {self.name!r}: {', '.join(unknown)} not among the "
+                             f"checkpoints ({', '.join(checkpoints)})")
+        if checkpoints and checkpoints[0] in self.members:
+            raise ValueError(f"pool {self.name!r}: {checkpoints[0]} is the baseline the changes "
+                             "are against; pool other runs")
+        if self.name in checkpoints:
+            raise ValueError(f"pool {self.name!r}: the name is taken by a checkpoint; name the "
+                             "pool otherwise")
+
+
+def pooled_changes(pool: Pool, base: str, scores: dict[str, dict[str, SetScores]],
+                   changes: Changes) -> dict[str, Any]:
+    """The pool against ``base`` on every set that the baseline and all members decoded:
+    ``{set: {"change": {figure: interval}, "members": {member: {figure: interval}}}}``, in the
+    figures' units (points for percentages)."""
+    out: dict[str, Any] = {}
+    for set_name, a in scores[base].items():
+        bs = [scores[m].get(set_name) for m in pool.members]
+        if any(b is None for b in bs):
+            continue
+        cols_a = _utterance_columns(a)
+        has_words = cols_a["wer_pct"][1].sum() > 0
+        names = [k for k in CHANGE_FIGURES if has_words or k not in _NEEDS_REFERENCE_WORDS]
+        mean_b = np.zeros((len(a.utterances), len(names)))
+        for b in bs:
+            position = {u.hypothesis.id: i for i, u in enumerate(b.utterances)}
+            paired = [position[u.hypothesis.id] for u in a.utterances]
+            cols_b = _utterance_columns(b)
+            mean_b += np.stack([cols_b[k][0][paired] for k in names], axis=1) / len(bs)
+        intervals = paired_bootstrap(np.stack([cols_a[k][0] for k in names], axis=1), mean_b,
+                                     np.stack([cols_a[k][1] for k in names], axis=1))
+        out[set_name] = {
+            "change": {k: iv.scaled(CHANGE_FIGURES[k][1]).to_dict()
+                       for k, iv in zip(names, intervals, strict=True)},
+            "members": {m: changes.get(base, m, set_name) for m in pool.members},
+        }
+    return out

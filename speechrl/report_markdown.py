@@ -52,6 +52,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         parts.append(_provenance_markdown(summary["provenance"]))
     if summary.get("findings"):
         parts.append(_findings_markdown(summary["findings"]))
+    if summary.get("pools"):
+        parts.append(_pools_markdown(summary["pools"]))
     parts.append(_significance_markdown(summary))
     if summary["sections"]:
         parts.append("## Summary tables\n")
@@ -118,6 +120,39 @@ def _findings_markdown(findings: list[dict[str, Any]]) -> str:
             "least the cut the finding names.\n\n"
             + _md_table(["finding", "set", "figure", "measured (Δ, 95 % interval)", "verdict"],
                         rows) + "\n")
+
+
+# The figures a seed pool's table shows: with reference words, and without (no-speech clips).
+_POOL_FIGURES = ("wer_pct", "ins_pct", "del_pct", "sub_pct")
+_POOL_FIGURES_NO_REFERENCE = ("words_per_clip", "output_pct")
+
+
+def _pools_markdown(pools: list[dict[str, Any]]) -> str:
+    """Each seed pool's change against the baseline per set and figure, beside its runs'."""
+    rows = []
+    for pool in pools:
+        for set_name, entry in pool["sets"].items():
+            change = entry["change"]
+            keys = _POOL_FIGURES if "wer_pct" in change else _POOL_FIGURES_NO_REFERENCE
+            for key in keys:
+                if key not in change:
+                    continue
+                runs = ", ".join(_fmt_change((entry["members"][m] or {}).get(key))
+                                 for m in pool["members"])
+                rows.append([f"`{_escape(pool['name'])}`", f"`{_escape(set_name)}`",
+                             CHANGE_FIGURES[key][0], _minus(_fmt_change(change[key])),
+                             _minus(runs)])
+    names = "; ".join(f"`{_escape(p['name'])}`: " + ", ".join(f"`{_escape(m)}`"
+                                                             for m in p["members"])
+                      for p in pools)
+    return ("## Seed pools against the baseline\n\n"
+            f"Each pool is runs of one configuration that differ in their seed ({names}). Its "
+            "per-utterance counts are the runs' means, so its Δ is the mean of the runs' Δs; its "
+            "interval (paired bootstrap over utterances) holds for these runs together and does "
+            "not say where another seed would fall: the runs' own Δs, in the order named, show "
+            "that spread.\n\n"
+            + _md_table(["pool", "set", "figure", "pooled Δ (95 % interval)",
+                         "each run's Δ"], rows) + "\n")
 
 
 # --------------------------------------------------------------------------- significance

@@ -224,6 +224,10 @@ def test_eval_checks_its_inputs_before_decoding(done, tmp_path):
     cases = [
         (["--metrics", "x=nope.jsonl"], "eval: --metrics x: no metrics file at nope.jsonl"),
         (["--data", "gone.jsonl"], "eval: --data gone: no manifest at gone.jsonl"),
+        (["--pool", "seeds"], "eval: --pool 'seeds': write NAME=CKPT,CKPT[,...] (checkpoint "
+                              "names as the report gives them)"),
+        (["--pool", "seeds=s0,s1"], "eval: --pool 'seeds': s0, s1 not among the "
+                                    "checkpoints (run)"),
     ]
     for extra, line in cases:
         code, _, err = speechrl_cli("eval", "--checkpoint", best, "--data", done["dev"],
@@ -234,6 +238,23 @@ def test_eval_checks_its_inputs_before_decoding(done, tmp_path):
     assert (code, one_line(err)) == (1, "eval: --out a_file: a_file is a file, not a folder; "
                                         "give a folder (it is made if missing)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing decoded
+
+
+def test_eval_pools_seeds(done, tmp_path):
+    """Two "seeds" that are the baseline's own checkpoint: the pool and each run change nothing,
+    so every pooled change is 0 with the interval [0, 0]."""
+    best = done["run"] / "best"
+    code, _, err = speechrl_cli("eval", "--checkpoint", f"base={best}", "--checkpoint",
+                                f"s0={best}", "--checkpoint", f"s1={best}", "--data", done["dev"],
+                                "--out", "report", "--device", "cpu", "--pool", "seeds=s0,s1",
+                                cwd=tmp_path)
+    assert code == 0, err
+    [pool] = json.loads((tmp_path / "report" / "report.json").read_text())["pools"]
+    assert (pool["name"], pool["members"], pool["baseline"]) == ("seeds", ["s0", "s1"], "base")
+    wer = pool["sets"]["manifest"]["change"]["wer_pct"]
+    assert (wer["delta"], wer["low"], wer["high"], wer["significant"]) == (0.0, 0.0, 0.0, False)
+    assert "| `seeds` | `manifest` | WER | +0.00 [+0.00, +0.00] |" in (
+        tmp_path / "report" / "report.md").read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a CPU-only machine")

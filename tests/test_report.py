@@ -329,3 +329,63 @@ def test_findings_state_each_change_with_its_interval_and_verdict(tmp_path: Path
     assert finding_verdict(-2.0, -2.5, -1.5, 4.0, 0.5) == "reproduced"
     with pytest.raises(ValueError, match="figure must be one of"):
         Finding("typo", "probe", "insertions", "none", "sft")
+
+
+def test_seed_pool_is_the_runs_mean_with_its_interval(tmp_path: Path) -> None:
+    from speechrl.report_changes import Pool
+
+    # "same" writes what sft writes, "twin" what grpo writes. Pooling grpo with a copy of the
+    # baseline halves every per-utterance difference, so the pooled change and both ends of its
+    # interval are exactly half of grpo's own (the same bootstrap draws, scaled by 1/2);
+    # pooling grpo with its twin changes nothing.
+    results = hand_results()
+    results["same"] = {k: list(v) for k, v in results["sft"].items()}
+    results["twin"] = {k: list(v) for k, v in results["grpo"].items()}
+    pools = [Pool("half", ("grpo", "same")), Pool("twins", ("grpo", "twin"))]
+    paths = write_report(tmp_path, results, normalizer="whisper", pools=pools)
+    summary = json.loads(paths.json.read_text())
+    [half, twins] = summary["pools"]
+    assert (half["name"], half["members"], half["baseline"]) == ("half", ["grpo", "same"], "sft")
+    for set_name in ("indomain", "far"):
+        own = summary["results"]["grpo"][set_name]["overall"]["change"]
+        for key in ("wer_pct", "ins_pct", "del_pct", "sub_pct", "words_per_clip"):
+            pooled = half["sets"][set_name]["change"][key]
+            assert (pooled["delta"], pooled["low"], pooled["high"]) == pytest.approx(
+                (own[key]["delta"] / 2, own[key]["low"] / 2, own[key]["high"] / 2)), key
+            assert twins["sets"][set_name]["change"][key] == pytest.approx(own[key])
+        assert half["sets"][set_name]["members"]["grpo"] == own
+    # By hand on "far": grpo's WER change is (1 - 11) / 7 = -142.86 points, so the pool's -71.43
+    far = half["sets"]["far"]["change"]["wer_pct"]
+    assert far["delta"] == pytest.approx(-500 / 7)
+    # "same" changes nothing on any utterance: [0, 0]
+    assert half["sets"]["far"]["members"]["same"]["wer_pct"]["low"] == 0.0
+    md = paths.markdown.read_text()
+    assert "## Seed pools against the baseline" in md
+    assert "`half`: `grpo`, `same`; `twins`: `grpo`, `twin`" in md
+    # "far" resampled: f1 twice (2 - 16) / 8 = -175, f2 twice (0 - 6) / 6 = -100 points, each
+    # drawn with probability 1/4: grpo's interval is [-175, -100], the pool's half of it.
+    assert ("| `half` | `far` | WER | −71.43 [−87.50, −50.00]* | −142.86 [−175.00, −100.00]*, "
+            "+0.00 [+0.00, +0.00] |") in md
+
+
+def test_seed_pool_mistakes_are_one_line(tmp_path: Path) -> None:
+    from speechrl.report_changes import Pool
+
+    with pytest.raises(ValueError, match=r"^pool 'p': pool at least two runs, got \['grpo'\]$"):
+        Pool("p", ("grpo",))
+    with pytest.raises(ValueError, match="a run is named twice"):
+        Pool("p", ("grpo", "grpo"))
+    for pool, line in [
+        (Pool("p", ("grpo", "gpro")), "pool 'p': gpro not among the checkpoints (sft, grpo)"),
+        (Pool("p", ("sft", "grpo")), "pool 'p': sft is the baseline the changes are against; "
+                                     "pool other runs"),
+        (Pool("twin", ("grpo", "sft")), "pool 'twin': sft is the baseline"),
+        (Pool("grpo", ("grpo", "twin")), "pool 'grpo': the name is taken by a checkpoint; name "
+                                         "the pool otherwise"),
+    ]:
+        results = hand_results()
+        if "twin" in pool.members:
+            results["twin"] = results["grpo"]
+        with pytest.raises(ValueError, match=f"^{line.replace('(', '.').replace(')', '.')}"):
+            write_report(tmp_path / "r", results, normalizer="whisper", pools=[pool])
+    assert not (tmp_path / "r").exists()  # checked before anything is written
