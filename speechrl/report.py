@@ -282,6 +282,8 @@ def write_report(out_dir: str | Path,
     _check_sections(wanted, scores)
     for pool in pools:
         pool.check(list(scores))
+    if len({p.name for p in pools}) != len(pools):
+        raise ValueError(f"two pools share a name among {[p.name for p in pools]}")
     runs = {run: (Path(path), read_metrics(path)) for run, path in (training_metrics or {}).items()}
     (out / "hyps").mkdir(parents=True, exist_ok=True)
     hyp_files = _write_hypotheses(out / "hyps", scores)
@@ -292,7 +294,7 @@ def write_report(out_dir: str | Path,
     summary["sections"] = [_section_table(s, scores, changes) for s in wanted]
     summary["findings"] = [finding_entry(f, scores, changes) for f in findings]
     summary["pools"] = [{"name": p.name, "members": list(p.members), "baseline": list(scores)[0],
-                         "sets": pooled_changes(p, list(scores)[0], scores, changes)}
+                         **pooled_changes(p, list(scores)[0], scores, changes)}
                         for p in pools]
     summary["plots"] = [{"file": p.name, "caption": c} for p, c in plots.items()]
     (out / "report.json").write_text(

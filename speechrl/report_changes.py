@@ -185,7 +185,7 @@ class Pool:
             raise ValueError(f"pool {self.name!r}: members must be a list, got {self.members!r}")
         object.__setattr__(self, "members", tuple(self.members))
         if not self.name:
-            raise ValueError("a pool needs a name")
+            raise ValueError("pool: give it a name: write NAME=CKPT,CKPT[,...]")
         if len(self.members) < 2:
             raise ValueError(f"pool {self.name!r}: pool at least two runs, got "
                              f"{list(self.members)}")
@@ -209,13 +209,16 @@ class Pool:
 
 def pooled_changes(pool: Pool, base: str, scores: dict[str, dict[str, SetScores]],
                    changes: Changes) -> dict[str, Any]:
-    """The pool against ``base`` on every set that the baseline and all members decoded:
-    ``{set: {"change": {figure: interval}, "members": {member: {figure: interval}}}}``, in the
-    figures' units (points for percentages)."""
+    """The pool against ``base`` on every set that the baseline and all members decoded, over
+    the whole set (languages are not pooled apart): ``{"sets": {set: {"change": {figure:
+    interval}, "members": {member: {figure: interval}}}}, "not_pooled": [sets some member did
+    not decode]}``, in the figures' units (points for percentages)."""
     out: dict[str, Any] = {}
+    not_pooled = []
     for set_name, a in scores[base].items():
         bs = [scores[m].get(set_name) for m in pool.members]
         if any(b is None for b in bs):
+            not_pooled.append(set_name)
             continue
         cols_a = _utterance_columns(a)
         has_words = cols_a["wer_pct"][1].sum() > 0
@@ -233,4 +236,4 @@ def pooled_changes(pool: Pool, base: str, scores: dict[str, dict[str, SetScores]
                        for k, iv in zip(names, intervals, strict=True)},
             "members": {m: changes.get(base, m, set_name) for m in pool.members},
         }
-    return out
+    return {"sets": out, "not_pooled": not_pooled}

@@ -137,20 +137,23 @@ def _pools_markdown(pools: list[dict[str, Any]]) -> str:
             for key in keys:
                 if key not in change:
                     continue
-                runs = ", ".join(_fmt_change((entry["members"][m] or {}).get(key))
+                runs = ", ".join(_fmt_change(entry["members"][m].get(key))
                                  for m in pool["members"])
                 rows.append([f"`{_escape(pool['name'])}`", f"`{_escape(set_name)}`",
-                             CHANGE_FIGURES[key][0], _minus(_fmt_change(change[key])),
-                             _minus(runs)])
+                             CHANGE_FIGURES[key][0], _fmt_change(change[key]), runs])
     names = "; ".join(f"`{_escape(p['name'])}`: " + ", ".join(f"`{_escape(m)}`"
                                                              for m in p["members"])
                       for p in pools)
+    missing = "".join(f"Not pooled on {', '.join(f'`{_escape(n)}`' for n in p['not_pooled'])} "
+                      f"(`{_escape(p['name'])}`): not every run decoded it.\n\n"
+                      for p in pools if p["not_pooled"])
     return ("## Seed pools against the baseline\n\n"
             f"Each pool is runs of one configuration that differ in their seed ({names}). Its "
             "per-utterance counts are the runs' means, so its Δ is the mean of the runs' Δs; its "
             "interval (paired bootstrap over utterances) holds for these runs together and does "
             "not say where another seed would fall: the runs' own Δs, in the order named, show "
-            "that spread.\n\n"
+            "that spread. Each set is pooled whole (its languages are not pooled apart).\n\n"
+            + missing
             + _md_table(["pool", "set", "figure", "pooled Δ (95 % interval)",
                          "each run's Δ"], rows) + "\n")
 

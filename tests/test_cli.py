@@ -226,6 +226,7 @@ def test_eval_checks_its_inputs_before_decoding(done, tmp_path):
         (["--data", "gone.jsonl"], "eval: --data gone: no manifest at gone.jsonl"),
         (["--pool", "seeds"], "eval: --pool 'seeds': write NAME=CKPT,CKPT[,...] (checkpoint "
                               "names as the report gives them)"),
+        (["--pool", "=s0,s1"], "eval: --pool: give it a name: write NAME=CKPT,CKPT[,...]"),
         (["--pool", "seeds=s0,s1"], "eval: --pool 'seeds': s0, s1 not among the "
                                     "checkpoints (run)"),
     ]

@@ -338,13 +338,21 @@ def test_seed_pool_is_the_runs_mean_with_its_interval(tmp_path: Path) -> None:
     # baseline halves every per-utterance difference, so the pooled change and both ends of its
     # interval are exactly half of grpo's own (the same bootstrap draws, scaled by 1/2);
     # pooling grpo with its twin changes nothing.
+    # The copies list their utterances in reverse order: pooling pairs them by id. With a third
+    # run (another copy of the baseline) the pool's change is a third of grpo's. "partial"
+    # decoded "far" only: the pool holding it is reported on "far" and says so.
     results = hand_results()
-    results["same"] = {k: list(v) for k, v in results["sft"].items()}
-    results["twin"] = {k: list(v) for k, v in results["grpo"].items()}
-    pools = [Pool("half", ("grpo", "same")), Pool("twins", ("grpo", "twin"))]
+    results["same"] = {k: list(v)[::-1] for k, v in results["sft"].items()}
+    results["same2"] = {k: list(v) for k, v in results["sft"].items()}
+    results["twin"] = {k: list(v)[::-1] for k, v in results["grpo"].items()}
+    results["partial"] = {"far": list(results["grpo"]["far"])}
+    pools = [Pool("half", ("grpo", "same")), Pool("twins", ("grpo", "twin")),
+             Pool("third", ("grpo", "same", "same2")), Pool("part", ("grpo", "partial"))]
     paths = write_report(tmp_path, results, normalizer="whisper", pools=pools)
     summary = json.loads(paths.json.read_text())
-    [half, twins] = summary["pools"]
+    [half, twins, third, part] = summary["pools"]
+    assert half["not_pooled"] == [] and part["not_pooled"] == ["indomain"]
+    assert list(part["sets"]) == ["far"]
     assert (half["name"], half["members"], half["baseline"]) == ("half", ["grpo", "same"], "sft")
     for set_name in ("indomain", "far"):
         own = summary["results"]["grpo"][set_name]["overall"]["change"]
@@ -353,6 +361,8 @@ def test_seed_pool_is_the_runs_mean_with_its_interval(tmp_path: Path) -> None:
             assert (pooled["delta"], pooled["low"], pooled["high"]) == pytest.approx(
                 (own[key]["delta"] / 2, own[key]["low"] / 2, own[key]["high"] / 2)), key
             assert twins["sets"][set_name]["change"][key] == pytest.approx(own[key])
+            assert third["sets"][set_name]["change"][key]["delta"] == pytest.approx(
+                own[key]["delta"] / 3)
         assert half["sets"][set_name]["members"]["grpo"] == own
     # By hand on "far": grpo's WER change is (1 - 11) / 7 = -142.86 points, so the pool's -71.43
     far = half["sets"]["far"]["change"]["wer_pct"]
@@ -362,6 +372,7 @@ def test_seed_pool_is_the_runs_mean_with_its_interval(tmp_path: Path) -> None:
     md = paths.markdown.read_text()
     assert "## Seed pools against the baseline" in md
     assert "`half`: `grpo`, `same`; `twins`: `grpo`, `twin`" in md
+    assert "Not pooled on `indomain` (`part`): not every run decoded it." in md
     # "far" resampled: f1 twice (2 - 16) / 8 = -175, f2 twice (0 - 6) / 6 = -100 points, each
     # drawn with probability 1/4: grpo's interval is [-175, -100], the pool's half of it.
     assert ("| `half` | `far` | WER | −71.43 [−87.50, −50.00]* | −142.86 [−175.00, −100.00]*, "
@@ -388,4 +399,8 @@ def test_seed_pool_mistakes_are_one_line(tmp_path: Path) -> None:
             results["twin"] = results["grpo"]
         with pytest.raises(ValueError, match=f"^{line.replace('(', '.').replace(')', '.')}"):
             write_report(tmp_path / "r", results, normalizer="whisper", pools=[pool])
+    results = {**hand_results(), "grpo2": hand_results()["grpo"]}
+    with pytest.raises(ValueError, match="two pools share a name"):
+        write_report(tmp_path / "r", results, normalizer="whisper",
+                     pools=[Pool("p", ("grpo", "grpo2")), Pool("p", ("grpo2", "grpo"))])
     assert not (tmp_path / "r").exists()  # checked before anything is written
