@@ -125,11 +125,12 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], sets: Mapping[st
     after some decoding (a checkpoint whose weights turn out corrupt, a set with no usable row,
     an interruption) still writes the report of what was decoded, and its message says where.
     """
-    for pool in pools:
-        try:
-            pool.check(list(checkpoints))
-        except ValueError as err:
-            raise InputError(f"--{err}") from err
+    from speechrl.report_changes import check_pools
+
+    try:
+        check_pools(pools, list(checkpoints))
+    except ValueError as err:  # its lines start "pool": they name the option
+        raise InputError(f"--{err}") from err
     check_eval_inputs(checkpoints, sets, out_dir, training_metrics, device=device)
     from speechrl import distributed
     from speechrl.checkpoint import CheckpointError, load_model
@@ -362,7 +363,8 @@ def _name_candidates(path: str, checkpoint: bool) -> list[str]:
 
 def parse_pools(items: Sequence[str]) -> list[Pool]:
     """``--pool NAME=CKPT,CKPT[,...]`` items as pools; a malformed one raises
-    :class:`~speechrl.config.InputError` saying what to write."""
+    :class:`~speechrl.config.InputError` saying what to write (pools that do not fit the
+    checkpoints are refused by :func:`evaluate_checkpoints`)."""
     from speechrl.report_changes import Pool
 
     pools = []
@@ -376,9 +378,6 @@ def parse_pools(items: Sequence[str]) -> list[Pool]:
                                                   if m.strip())))
         except ValueError as err:
             raise InputError(f"--{err}") from err
-    names = [p.name for p in pools]
-    if len(set(names)) != len(names):
-        raise InputError(f"--pool: two pools share a name among {names}")
     return pools
 
 

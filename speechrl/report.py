@@ -40,7 +40,14 @@ from speechrl.plots import (
     plot_wer_by_language,
     read_metrics,
 )
-from speechrl.report_changes import Changes, Finding, Pool, finding_entry, pooled_changes
+from speechrl.report_changes import (
+    Changes,
+    Finding,
+    Pool,
+    check_pools,
+    finding_entry,
+    pooled_changes,
+)
 from speechrl.text import get_normalizer
 
 # What each name of speechrl.text.get_normalizer does, for the report's reader.
@@ -280,10 +287,7 @@ def write_report(out_dir: str | Path,
               for s in (sections or [])]
     scores = score_results(results, normalizer)
     _check_sections(wanted, scores)
-    for pool in pools:
-        pool.check(list(scores))
-    if len({p.name for p in pools}) != len(pools):
-        raise ValueError(f"two pools share a name among {[p.name for p in pools]}")
+    check_pools(pools, list(scores))
     runs = {run: (Path(path), read_metrics(path)) for run, path in (training_metrics or {}).items()}
     (out / "hyps").mkdir(parents=True, exist_ok=True)
     hyp_files = _write_hypotheses(out / "hyps", scores)
@@ -293,9 +297,9 @@ def write_report(out_dir: str | Path,
     summary["provenance"] = dict(provenance or {})
     summary["sections"] = [_section_table(s, scores, changes) for s in wanted]
     summary["findings"] = [finding_entry(f, scores, changes) for f in findings]
-    summary["pools"] = [{"name": p.name, "members": list(p.members), "baseline": list(scores)[0],
-                         **pooled_changes(p, list(scores)[0], scores, changes)}
-                        for p in pools]
+    base = summary["reference_checkpoint"]
+    summary["pools"] = [{"name": p.name, "members": list(p.members), "baseline": base,
+                         **pooled_changes(p, base, scores, changes)} for p in pools]
     summary["plots"] = [{"file": p.name, "caption": c} for p, c in plots.items()]
     (out / "report.json").write_text(
         json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n")

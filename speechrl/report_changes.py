@@ -63,8 +63,9 @@ def _utterance_columns(s: SetScores) -> dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 class Changes:
-    """Changes of each checkpoint against a baseline on the same utterances, with their paired
-    bootstrap intervals; computed once per (baseline, checkpoint, set, languages)."""
+    """Changes of each checkpoint (or pool of checkpoints) against a baseline on the same
+    utterances, with their paired bootstrap intervals; computed once per (baseline,
+    checkpoints, set, languages)."""
 
     def __init__(self, scores: dict[str, dict[str, SetScores]]) -> None:
         self.scores = scores
@@ -76,28 +77,39 @@ class Changes:
         ``base`` on ``set_name`` (pooled over ``languages``; None: the whole set), in the
         figures' units (points for percentages); None when either lacks the set or the
         languages hold no utterance. Figures undefined on the utterances are left out."""
-        key = (base, ckpt, set_name, None if languages is None else tuple(sorted(languages)))
+        return self.pooled(base, (ckpt,), set_name, languages)
+
+    def pooled(self, base: str, ckpts: Sequence[str], set_name: str,
+               languages: Sequence[str] | None = None) -> dict[str, dict[str, Any]] | None:
+        """As :meth:`get`, for the run whose per-utterance counts are the means of ``ckpts``'
+        (a :class:`Pool`'s members); None when any of them lacks the set."""
+        key = (base, tuple(ckpts), set_name,
+               None if languages is None else tuple(sorted(languages)))
         if key not in self._cache:
-            self._cache[key] = self._compute(base, ckpt, set_name, key[3])
+            self._cache[key] = self._compute(base, key[1], set_name, key[3])
         return self._cache[key]
 
-    def _compute(self, base: str, ckpt: str, set_name: str,
+    def _compute(self, base: str, ckpts: tuple[str, ...], set_name: str,
                  languages: tuple[str, ...] | None) -> dict[str, dict[str, Any]] | None:
-        a, b = self.scores[base].get(set_name), self.scores[ckpt].get(set_name)
-        if a is None or b is None or base == ckpt:
+        a = self.scores[base].get(set_name)
+        bs = [self.scores[c].get(set_name) for c in ckpts]
+        if a is None or any(b is None for b in bs) or base in ckpts:
             return None
         keep = [i for i, u in enumerate(a.utterances)
                 if languages is None or u.hypothesis.language in languages]
         if not keep:
             return None
-        position = {u.hypothesis.id: i for i, u in enumerate(b.utterances)}
-        paired = [position[a.utterances[i].hypothesis.id] for i in keep]
-        cols_a, cols_b = _utterance_columns(a), _utterance_columns(b)
+        cols_a = _utterance_columns(a)
         has_words = cols_a["wer_pct"][1][keep].sum() > 0
         names = [k for k in CHANGE_FIGURES if has_words or k not in _NEEDS_REFERENCE_WORDS]
+        mean_b = np.zeros((len(keep), len(names)))  # one run: exactly its own counts
+        for b in bs:
+            position = {u.hypothesis.id: i for i, u in enumerate(b.utterances)}
+            paired = [position[a.utterances[i].hypothesis.id] for i in keep]
+            cols_b = _utterance_columns(b)
+            mean_b += np.stack([cols_b[k][0][paired] for k in names], axis=1) / len(bs)
         intervals = paired_bootstrap(
-            np.stack([cols_a[k][0][keep] for k in names], axis=1),
-            np.stack([cols_b[k][0][paired] for k in names], axis=1),
+            np.stack([cols_a[k][0][keep] for k in names], axis=1), mean_b,
             np.stack([cols_a[k][1][keep] for k in names], axis=1))
         return {k: interval.scaled(CHANGE_FIGURES[k][1]).to_dict()
                 for k, interval in zip(names, intervals, strict=True)}
@@ -207,6 +219,16 @@ class Pool:
                              "pool otherwise")
 
 
+def check_pools(pools: Sequence[Pool], checkpoints: Sequence[str]) -> None:
+    """Raise ValueError (one line, starting "pool") unless every pool holds among
+    ``checkpoints`` (:meth:`Pool.check`) and no two share a name."""
+    for pool in pools:
+        pool.check(checkpoints)
+    names = [p.name for p in pools]
+    if len(set(names)) != len(names):
+        raise ValueError(f"pool: two pools share a name among {names}")
+
+
 def pooled_changes(pool: Pool, base: str, scores: dict[str, dict[str, SetScores]],
                    changes: Changes) -> dict[str, Any]:
     """The pool against ``base`` on every set that the baseline and all members decoded, over
@@ -215,25 +237,11 @@ def pooled_changes(pool: Pool, base: str, scores: dict[str, dict[str, SetScores]
     not decode]}``, in the figures' units (points for percentages)."""
     out: dict[str, Any] = {}
     not_pooled = []
-    for set_name, a in scores[base].items():
-        bs = [scores[m].get(set_name) for m in pool.members]
-        if any(b is None for b in bs):
+    for set_name in scores[base]:
+        change = changes.pooled(base, pool.members, set_name)
+        if change is None:
             not_pooled.append(set_name)
             continue
-        cols_a = _utterance_columns(a)
-        has_words = cols_a["wer_pct"][1].sum() > 0
-        names = [k for k in CHANGE_FIGURES if has_words or k not in _NEEDS_REFERENCE_WORDS]
-        mean_b = np.zeros((len(a.utterances), len(names)))
-        for b in bs:
-            position = {u.hypothesis.id: i for i, u in enumerate(b.utterances)}
-            paired = [position[u.hypothesis.id] for u in a.utterances]
-            cols_b = _utterance_columns(b)
-            mean_b += np.stack([cols_b[k][0][paired] for k in names], axis=1) / len(bs)
-        intervals = paired_bootstrap(np.stack([cols_a[k][0] for k in names], axis=1), mean_b,
-                                     np.stack([cols_a[k][1] for k in names], axis=1))
-        out[set_name] = {
-            "change": {k: iv.scaled(CHANGE_FIGURES[k][1]).to_dict()
-                       for k, iv in zip(names, intervals, strict=True)},
-            "members": {m: changes.get(base, m, set_name) for m in pool.members},
-        }
+        out[set_name] = {"change": change,
+                         "members": {m: changes.get(base, m, set_name) for m in pool.members}}
     return {"sets": out, "not_pooled": not_pooled}

@@ -135,8 +135,6 @@ def _pools_markdown(pools: list[dict[str, Any]]) -> str:
             change = entry["change"]
             keys = _POOL_FIGURES if "wer_pct" in change else _POOL_FIGURES_NO_REFERENCE
             for key in keys:
-                if key not in change:
-                    continue
                 runs = ", ".join(_fmt_change(entry["members"][m].get(key))
                                  for m in pool["members"])
                 rows.append([f"`{_escape(pool['name'])}`", f"`{_escape(set_name)}`",
