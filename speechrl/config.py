@@ -334,7 +334,7 @@ class GRPOConfig:
     algorithm: str = "grpo"  # grpo | dapo | dr_grpo
     group_size: int = 6  # G candidates per audio (the paper tried 6 and 10)
     num_iterations: int = 1  # policy updates per rollout batch (old log-probs kept for the ratio)
-    reward: str = "wer"  # wer | em | ed | "0.7*wer+0.3*em" | package.module:function
+    reward: str = "wer"  # wer | em | ed | sub | del | ins | "0.7*wer+0.3*em" | pkg.module:function
     strategy: str = "sample"  # sample | beam (n-best as the group)
     temperature: float = 1.0
     top_p: float = 1.0

@@ -5,7 +5,11 @@ pair: ``fn(hyps: list[str], refs: list[str]) -> list[float]``. Built in:
 
 - ``wer``: -(S + D + I) / N (eq. 7), the negated word error rate;
 - ``em``:  1.0 when the hypothesis equals the reference word for word, else 0.0 (eq. 8);
-- ``ed``:  -(S + D + I) (eq. 9), the negated word edit distance.
+- ``ed``:  -(S + D + I) (eq. 9), the negated word edit distance;
+- ``sub``, ``del``, ``ins``: -S / N, -D / N, -I / N, the negated rates of one kind of error, so
+  that ``wer`` equals ``sub+del+ins`` and ``wer+del`` makes a deleted word cost twice an
+  inserted or substituted one (the -WER reward lets a model buy fewer insertions on degraded
+  audio with deletions on clean speech at par).
 
 :func:`build_reward` turns a spec into a :class:`Reward`, which normalises both sides with the
 evaluation normaliser of each utterance's language first. A spec is a name (``"wer"``), a
@@ -46,7 +50,24 @@ def ed_reward(hyps: list[str], refs: list[str]) -> list[float]:
     return [-float(counts.errors) for counts in per_utt]
 
 
-REWARDS: dict[str, RewardFn] = {"wer": wer_reward, "em": em_reward, "ed": ed_reward}
+def _rate_reward(kind: str) -> RewardFn:
+    def reward(hyps: list[str], refs: list[str]) -> list[float]:
+        per_utt, _ = error_counts(refs, hyps)
+        return [-getattr(counts, kind) / max(counts.ref_words, 1) for counts in per_utt]
+
+    reward.__name__ = f"{kind}_reward"
+    reward.__doc__ = f"-{kind} / N per pair, N the reference words (1 for an empty reference)."
+    return reward
+
+
+sub_reward = _rate_reward("substitutions")
+del_reward = _rate_reward("deletions")
+ins_reward = _rate_reward("insertions")
+
+REWARDS: dict[str, RewardFn] = {
+    "wer": wer_reward, "em": em_reward, "ed": ed_reward,
+    "sub": sub_reward, "del": del_reward, "ins": ins_reward,
+}
 
 
 def register_reward(name: str, fn: RewardFn) -> None:

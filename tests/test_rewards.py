@@ -4,7 +4,16 @@ import textwrap
 
 import pytest
 
-from speechrl.rewards import build_reward, ed_reward, em_reward, parse_spec, wer_reward
+from speechrl.rewards import (
+    build_reward,
+    del_reward,
+    ed_reward,
+    em_reward,
+    ins_reward,
+    parse_spec,
+    sub_reward,
+    wer_reward,
+)
 
 REFS = ["the cat sat on the mat", "hello world", "bonjour"]
 HYPS = ["the cat sit on mat", "hello world", ""]
@@ -20,6 +29,20 @@ def test_builtin_rewards_hand_counted():
     # an empty reference: two inserted words, WER = 2 / max(0, 1)
     assert wer_reward(["oh no"], [""]) == [-2.0]
     assert em_reward([""], [""]) == [1.0]
+
+
+def test_error_kind_rewards_hand_counted():
+    assert sub_reward(HYPS, REFS) == pytest.approx([-1 / 6, 0.0, 0.0])
+    assert del_reward(HYPS, REFS) == pytest.approx([-1 / 6, 0.0, -1.0])
+    assert ins_reward(HYPS, REFS) == [0.0, 0.0, 0.0]
+    # "a b" -> "a x b c": x and c inserted over N = 2; an empty reference divides by 1
+    assert ins_reward(["a x b c", "oh no"], ["a b", ""]) == [-1.0, -2.0]
+    assert del_reward(["a x b c", "oh no"], ["a b", ""]) == [0.0, 0.0]
+    # the kinds add up to -WER, and wer+del counts a deletion twice: (1 + 2 * 1) / 6, 0, 2 / 1
+    assert build_reward("sub+del+ins", normalizer="none")(HYPS, REFS) == pytest.approx(
+        wer_reward(HYPS, REFS))
+    assert build_reward("wer+del", normalizer="none")(HYPS, REFS) == pytest.approx(
+        [-3 / 6, 0.0, -2.0])
 
 
 def test_weighted_sum():
