@@ -98,7 +98,8 @@ BEFORE_ANY_WORK = [
      "grpo: grpo.group_size=1 must be >= 2: a group of one candidate has zero advantage and "
      "teaches nothing"),
     (["grpo", "grpo.reward=wre"], 2,
-     "grpo: grpo.reward: unknown reward 'wre'; known: ed, em, wer, a weighted sum such as "
+     "grpo: grpo.reward: unknown reward 'wre'; known: del, ed, em, ins, sub, wer, "
+     "a weighted sum such as "
      "0.7*wer+0.3*em, or package.module:function (did you mean wer?)"),
     (["grpo", "grpo.reward=0.5*wer+0.5*nomodule_here:score"], 2,
      "grpo: grpo.reward: reward 'nomodule_here:score': cannot import module 'nomodule_here'"),
