@@ -46,7 +46,12 @@ class ErrorCounts:
     @property
     def wer(self) -> float:
         """(S + D + I) / N, with N taken as 1 when the reference is empty (see module doc)."""
-        return self.errors / max(self.ref_words, 1)
+        return self.rate("errors")
+
+    def rate(self, kind: str) -> float:
+        """One count (``"substitutions"``, ``"deletions"``, ``"insertions"`` or ``"errors"``)
+        over N, with N taken as 1 when the reference is empty."""
+        return getattr(self, kind) / max(self.ref_words, 1)
 
     def __add__(self, other: ErrorCounts) -> ErrorCounts:
         if not isinstance(other, ErrorCounts):
@@ -181,7 +186,7 @@ def hallucination_stats(
     over_twice = sum(len(h) > 2 * r for h, r in zip(hyp_words, ref_lens, strict=True))
     n = len(refs)
     return {
-        "insertion_rate": total.insertions / max(total.ref_words, 1),
+        "insertion_rate": total.rate("insertions"),
         "over_twice_share": over_twice / n,
         "loop_share": sum(has_loop(h) for h in hyp_words) / n,
         "empty_share": sum(not h for h in hyp_words) / n,

@@ -53,7 +53,7 @@ def ed_reward(hyps: list[str], refs: list[str]) -> list[float]:
 def _rate_reward(kind: str) -> RewardFn:
     def reward(hyps: list[str], refs: list[str]) -> list[float]:
         per_utt, _ = error_counts(refs, hyps)
-        return [-getattr(counts, kind) / max(counts.ref_words, 1) for counts in per_utt]
+        return [-counts.rate(kind) for counts in per_utt]
 
     reward.__name__ = f"{kind}_reward"
     reward.__doc__ = f"-{kind} / N per pair, N the reference words (1 for an empty reference)."

@@ -99,8 +99,7 @@ BEFORE_ANY_WORK = [
      "teaches nothing"),
     (["grpo", "grpo.reward=wre"], 2,
      "grpo: grpo.reward: unknown reward 'wre'; known: del, ed, em, ins, sub, wer, "
-     "a weighted sum such as "
-     "0.7*wer+0.3*em, or package.module:function (did you mean wer?)"),
+     "a weighted sum such as 0.7*wer+0.3*em, or package.module:function (did you mean wer?)"),
     (["grpo", "grpo.reward=0.5*wer+0.5*nomodule_here:score"], 2,
      "grpo: grpo.reward: reward 'nomodule_here:score': cannot import module 'nomodule_here'"),
     (["synth", "--out", "corpus", "--langs", "en,xx"], 2,

@@ -95,8 +95,8 @@ def test_a_yaml_file_that_does_not_parse_names_itself(tmp_path):
 
 @pytest.mark.parametrize(("spec", "message"), [
     ("wre", "grpo.reward: unknown reward 'wre'; known: del, ed, em, ins, sub, wer, "
-     "a weighted sum such as "
-            "0.7*wer+0.3*em, or package.module:function (did you mean wer?)"),
+            "a weighted sum such as 0.7*wer+0.3*em, or package.module:function (did you mean "
+            "wer?)"),
     ("nomodule_here:score", "grpo.reward: reward 'nomodule_here:score': cannot import module "
                             "'nomodule_here'"),
     ("json:nothing", "grpo.reward: reward 'json:nothing': json has no function 'nothing'"),
