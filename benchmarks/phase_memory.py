@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/phase_memory.py [--preset tiny,small] [--dtype float32]
         [--batch 8] [--group 6,10] [--prompt-tokens 40,250] [--new-tokens 32] [--device cpu]
-        [--threads N] [--vocab V] [--append [FILE]]
+        [--threads N] [--vocab V] [--ragged] [--append [FILE]]
 
 The phases of ``speechrl.train.grpo.grpo_step`` on the shapes of ``benchmarks/train_step.py``
 (random weights and frames, random candidates of exactly T tokens, the ``grpo`` preset with
@@ -25,7 +25,10 @@ nothing of that kind to free (the policy's gradients dropped first, as ``policy_
 GPU, ``torch.cuda.max_memory_allocated`` above ``memory_allocated`` at the phase's start. The
 old-policy pass is the reference pass on the policy, so it is not listed.
 
-Shapes: B audios, G candidates per audio, L prompt length, T candidate tokens.
+Shapes: B audios, G candidates per audio, L prompt length, T candidate tokens. ``--ragged``:
+the reference pass and the update take candidates of 1 to T tokens (uniform, seeded; about
+(T + 1) / 2T of the positions real, as sampled candidates are padded to the longest), where the
+logits of the padded positions are what the GRPO passes no longer compute.
 """
 
 from __future__ import annotations
@@ -108,12 +111,21 @@ def measure(preset: str, args: argparse.Namespace, device: torch.device, group: 
     with eos_suppressed(policy.llm, policy.tokenizer.eos_id), torch.no_grad():
         row["rollout"] = allocated_peak(
             lambda: speechrl_rollout(policy, embeds, mask, options, args.seed), device)
+    if args.ragged:
+        rollout.mask = ragged_mask(args.batch * group, T, args.seed).to(device)
     for path in ("full", "shared"):
         with tempfile.TemporaryDirectory(prefix="bench_phase_memory_") as folder:
             run = make_run(device, args.dtype, group, T, Path(folder), shared=path == "shared")
             row[f"ref_{path}"], row[f"update_{path}"] = path_peaks(run, policy, reference,
                                                                    rollout, device)
     return row
+
+
+def ragged_mask(rows: int, T: int, seed: int) -> torch.Tensor:
+    """(rows, T) right-padded candidate masks of 1 to T real tokens, one row at T."""
+    lengths = torch.randint(1, T + 1, (rows,), generator=torch.Generator().manual_seed(seed))
+    lengths[0] = T
+    return torch.arange(T)[None] < lengths[:, None]
 
 
 def path_peaks(run: Run, policy: SpeechLLM, reference: SpeechLLM, rollout: Rollout,
@@ -164,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--vocab", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ragged", action="store_true",
+                        help="candidates of 1 to T tokens instead of exactly T")
     parser.add_argument("--append", nargs="?", const=str(DOCS), default=None, metavar="FILE")
     args = parser.parse_args(argv)
     with torch_threads(args.threads):
@@ -179,7 +193,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     how = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
            else "the running sum of torch.profiler's allocation events")
     setting = [f"Peak memory allocated in each GRPO phase above its start ({args.dtype}, "
-               f"{how}); the update's after a first update made AdamW's moments."]
+               f"{how}); the update's after a first update made AdamW's moments."
+               + (" Candidates ragged: 1 to T tokens." if args.ragged else "")]
     table = markdown_table(HEADERS, format_rows(rows))
     print("\n".join([*setting, table]))
     if args.append:

@@ -311,6 +311,7 @@ class SpeechLLM(nn.Module):
         targets: torch.Tensor,
         target_mask: torch.Tensor,
         group_size: int,
+        packed: bool = False,
     ) -> torch.Tensor:
         """:meth:`target_logits` of G = ``group_size`` candidates per audio, with the prompt run
         once per audio instead of once per candidate.
@@ -321,6 +322,10 @@ class SpeechLLM(nn.Module):
         (with gradients), repeated for the G candidates, and only the candidates' tokens run
         against them. Backward sums the G candidates' gradients into the shared prompt. The
         logits equal the full pass's up to float rounding.
+
+        ``packed``: lm_head runs on the target_mask positions only and the logits come back
+        (n, V), n = target_mask.sum(), in row-major order of the mask: the padded positions of
+        short candidates cost no vocabulary projection (nor its backward).
         """
         _check_targets(targets, target_mask)
         B, G = speech.shape[0], group_size
@@ -328,27 +333,28 @@ class SpeechLLM(nn.Module):
             raise ValueError(f"targets hold {targets.shape[0]} rows for {B} audios x G={G}")
         prompt_embeds, prompt_mask = self.inference_prompt(speech, speech_lengths)
         targets, target_mask = targets.to(self.device), target_mask.to(self.device)
+        base = self.llm.get_base_model() if isinstance(self.llm, peft.PeftModel) else self.llm
+        decoder, lm_head = base.get_decoder(), base.get_output_embeddings()
         cache_arg = _cache_argument(self.llm)
         cache = DynamicCache(config=self.llm.config)
         positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
-        out = self.llm(inputs_embeds=prompt_embeds, attention_mask=prompt_mask,
-                       position_ids=positions, use_cache=True, logits_to_keep=1,
-                       **{cache_arg: cache})
+        out = decoder(inputs_embeds=prompt_embeds, attention_mask=prompt_mask,
+                      position_ids=positions, use_cache=True, **{cache_arg: cache})
         # The prompt's last position predicts every candidate's first token.
-        first = out.logits[:, -1:].repeat_interleave(G, dim=0)  # (B*G, 1, V)
-        if targets.shape[1] == 1:
-            return first
-        cache.batch_repeat_interleave(G)
-        fed_mask = target_mask[:, :-1]
-        fed = targets[:, :-1].masked_fill(~fed_mask, self.tokenizer.pad_id)
-        mask = torch.cat([prompt_mask.repeat_interleave(G, dim=0), fed_mask.long()], dim=1)
-        # Positions go on from each prompt's real length, as in the full pass.
-        start = prompt_mask.sum(-1).repeat_interleave(G)[:, None]
-        steps = torch.arange(fed.shape[1], device=fed.device)[None]
-        positions = (start + steps).masked_fill(~fed_mask, 1)
-        out = self.llm(inputs_embeds=self.embed_tokens(fed), attention_mask=mask,
-                       position_ids=positions, use_cache=True, **{cache_arg: cache})
-        return torch.cat([first, out.logits], dim=1)
+        hidden = out.last_hidden_state[:, -1:].repeat_interleave(G, dim=0)  # (B*G, 1, H)
+        if targets.shape[1] > 1:
+            cache.batch_repeat_interleave(G)
+            fed_mask = target_mask[:, :-1]
+            fed = targets[:, :-1].masked_fill(~fed_mask, self.tokenizer.pad_id)
+            mask = torch.cat([prompt_mask.repeat_interleave(G, dim=0), fed_mask.long()], dim=1)
+            # Positions go on from each prompt's real length, as in the full pass.
+            start = prompt_mask.sum(-1).repeat_interleave(G)[:, None]
+            steps = torch.arange(fed.shape[1], device=fed.device)[None]
+            positions = (start + steps).masked_fill(~fed_mask, 1)
+            out = decoder(inputs_embeds=self.embed_tokens(fed), attention_mask=mask,
+                          position_ids=positions, use_cache=True, **{cache_arg: cache})
+            hidden = torch.cat([hidden, out.last_hidden_state], dim=1)  # (B*G, T, H)
+        return lm_head(hidden[target_mask] if packed else hidden)
 
     def target_logprobs(
         self,
@@ -371,6 +377,7 @@ class SpeechLLM(nn.Module):
         frames: tuple[torch.Tensor, torch.Tensor] | None = None,
         with_speech_ctc: bool = False,
         shared_prompt: bool = False,
+        packed: bool = False,
     ) -> SpeechLLMOutput:
         """Audio inputs to target logits (B*G, T, V): the path a DDP- or FSDP-wrapped trainer
         calls. targets and target_mask (B*G, T) hold G = ``group_size`` candidates per audio,
@@ -383,6 +390,9 @@ class SpeechLLM(nn.Module):
         ``with_speech_ctc``: also return each speech token read through the LLM's input
         embeddings, logits (B, N, V) = speech @ E^T, and the speech lengths (B,), for
         :func:`speechrl.losses.speech_ctc_loss` (``sft.speech_ctc_weight``).
+        ``packed``: the logits at the target_mask positions only, (n, V) in row-major order of
+        the mask (:func:`packed_token_logprobs` reads them); with ``shared_prompt`` the padded
+        positions then cost no lm_head.
         """
         if frames is None:
             speech, speech_lengths = self.encode_speech(inputs, lengths)
@@ -394,12 +404,14 @@ class SpeechLLM(nn.Module):
         ctc_lengths = speech_lengths if with_speech_ctc else None
         if shared_prompt:
             logits = self.group_target_logits(speech, speech_lengths, targets, target_mask,
-                                              group_size)
+                                              group_size, packed=packed)
         else:
             if group_size > 1:
                 speech = speech.repeat_interleave(group_size, dim=0)
                 speech_lengths = speech_lengths.repeat_interleave(group_size, dim=0)
             logits = self.target_logits(speech, speech_lengths, targets, target_mask)
+            if packed:
+                logits = logits[target_mask.to(logits.device)]
         return SpeechLLMOutput(logits, ctc_logits, ctc_lengths)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -425,6 +437,17 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
     picked = logits.gather(-1, safe[..., None]).squeeze(-1).float()
     logp = picked - torch.logsumexp(logits.float(), dim=-1)
     return logp.masked_fill(~mask, 0.0)
+
+
+def packed_token_logprobs(logits: torch.Tensor, targets: torch.Tensor,
+                          mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed logits (n, V) at the mask's positions (``SpeechLLM.forward(..., packed=True)``),
+    targets (B, T), mask (B, T) -> (log p(targets) (B, T) float32, 0 off the mask; the
+    log-softmax (n, V) float32, for the entropy)."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    picked = log_probs.gather(-1, targets[mask][:, None]).squeeze(-1)
+    logp = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device)
+    return logp.masked_scatter(mask, picked), log_probs
 
 
 def _check_targets(targets: torch.Tensor, target_mask: torch.Tensor) -> None:

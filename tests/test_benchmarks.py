@@ -245,3 +245,24 @@ def test_phase_memory_table(tmp_path, capsys):
     # The full path holds B*G copies of the prompt's activations, the shared one B.
     assert r["ref_full"] > r["ref_shared"] and r["update_full"] > r["update_shared"]
     assert "| tiny " in capsys.readouterr().out
+
+
+def test_phase_memory_ragged_candidates_cost_only_their_real_tokens(capsys):
+    # With a vocabulary large enough that the logits dominate the reference pass, candidates
+    # of 1 to T tokens take about their real tokens' share of its memory: the GRPO passes
+    # compute no logits at padded positions (SpeechLLM.forward's packed). (At this size the
+    # update's peak is mostly the parameters' gradients, 20,000 x 256 tied embeddings.)
+    phase_memory = load("phase_memory")
+    mask = phase_memory.ragged_mask(6, 8, seed=0)
+    assert mask[0].all() and mask[:, 0].all()
+    assert not (mask[:, 1:] & ~mask[:, :-1]).any()  # right-padded
+    common = ["--preset", "tiny", "--vocab", "20000", "--batch", "2", "--group", "3",
+              "--prompt-tokens", "40", "--new-tokens", "8", "--threads", "1"]
+    (full,) = phase_memory.main(common)
+    (ragged,) = phase_memory.main([*common, "--ragged"])
+    share = phase_memory.ragged_mask(6, 8, seed=0).float().mean().item()
+    assert share < 0.8
+    assert ragged["ref_shared"] < (share + 0.1) * full["ref_shared"]
+    assert ragged["ref_full"] < 0.9 * full["ref_full"]
+    assert ragged["update_shared"] < full["update_shared"]
+    assert "Candidates ragged" in capsys.readouterr().out

@@ -240,7 +240,12 @@ def test_grpo_takes_the_one_process_update(runs, name, parallel):
     # ... and the loss normalised by the counts over both ranks is the one-process loss.
     for key in ("train/loss", "train/grad_norm", "train/kl", "train/entropy"):
         assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-7), key
-    assert_same_update(one, two, runs["one"].parent / "init")
+    # FSDP2 takes the per-candidate pass: its weights are held against that pass on one process.
+    # The shared and per-candidate gradients agree to 1e-5 before the optimizer
+    # (tests/test_shared_prompt.py), but a first Adam step turns a gradient within a few eps of
+    # 0 into a fraction of lr that float rounding moves (0.32 against 0.30 lr, once, seen).
+    reference = runs["one"] / ("grpo-full" if parallel == "fsdp2" else name) / "run"
+    assert_same_update(reference, two, runs["one"].parent / "init")
 
 
 def test_grpo_under_fsdp2_falls_back_to_the_per_candidate_pass(runs):

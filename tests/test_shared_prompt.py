@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from speechrl.config import LLMConfig, LoraConfig, ModelConfig, ProjectorConfig
-from speechrl.model import SpeechLLM, token_logprobs
+from speechrl.model import SpeechLLM, packed_token_logprobs, token_logprobs
 from speechrl.tokenizer import SpeechTokenizer
 
 SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -75,11 +75,16 @@ def candidates(B: int, G: int, vocab: int, seed: int = 1):
     return feats, lengths, tokens, mask, weights
 
 
-def logprobs_and_grads(model: SpeechLLM, batch, G: int, shared: bool):
+def logprobs_and_grads(model: SpeechLLM, batch, G: int, shared: bool, packed: bool = False):
     feats, lengths, tokens, mask, weights = batch
     model.zero_grad(set_to_none=True)
-    logits = model(feats, lengths, tokens, mask, group_size=G, shared_prompt=shared).logits
-    logp = token_logprobs(logits, tokens, mask)
+    logits = model(feats, lengths, tokens, mask, group_size=G, shared_prompt=shared,
+                   packed=packed).logits
+    if packed:
+        assert logits.shape == (int(mask.sum()), model.tokenizer.vocab_size)
+        logp = packed_token_logprobs(logits, tokens, mask)[0]
+    else:
+        logp = token_logprobs(logits, tokens, mask)
     (logp * weights).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return logp.detach(), grads
@@ -103,6 +108,38 @@ def test_shared_prompt_equals_the_full_pass(llm_dirs, tiny_tokenizer_dir, tiny_e
     assert full.abs().sum() > 0 and sum(g.abs().sum() for g in full_grads.values()) > 0
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("shared", [False, True])
+def test_packed_logits_equal_the_full_pass(llm_dirs, tiny_tokenizer_dir, tiny_encoder_config,
+                                          family, shared):
+    # Packed (lm_head on the real tokens only, the GRPO passes' path) against the full pass
+    # per candidate with every position's logits: the same log-probs and gradients.
+    model = speech_llm(llm_dirs[family], tiny_tokenizer_dir, tiny_encoder_config)
+    batch = candidates(3, 6, model.tokenizer.vocab_size)
+    full, full_grads = logprobs_and_grads(model, batch, 6, shared=False)
+    packed, packed_grads = logprobs_and_grads(model, batch, 6, shared=shared, packed=True)
+    torch.testing.assert_close(packed, full, rtol=0, atol=1e-5)
+    assert (packed[~batch[3]] == 0).all() and full.abs().sum() > 0
+    assert full_grads.keys() == packed_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=0, atol=1e-5, msg=name)
+
+
+def test_packed_token_logprobs_by_hand():
+    # Two rows, T = 3, V = 3: row 0 holds 2 real tokens, row 1 one. Packed logits are the rows'
+    # real positions in row-major order: (0, 0), (0, 1), (1, 0).
+    packed = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    targets = torch.tensor([[1, 0, 2], [2, 1, 1]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    logp, log_probs = packed_token_logprobs(packed, targets, mask)
+    e = torch.e
+    expected = torch.tensor([[-torch.log(torch.tensor(3.0)).item(),
+                              2 - torch.log(torch.tensor(e ** 2 + 2)).item(), 0.0],
+                             [-torch.log(torch.tensor(2 * e + 1)).item(), 0.0, 0.0]])
+    torch.testing.assert_close(logp, expected, rtol=0, atol=1e-6)
+    assert log_probs.shape == (3, 3)
+
+
 def test_shared_prompt_with_lora(llm_dirs, tiny_tokenizer_dir, tiny_encoder_config):
     model = speech_llm(llm_dirs["qwen2"], tiny_tokenizer_dir, tiny_encoder_config, lora=4)
     assert isinstance(model.llm, peft.PeftModel) and model.shared_prompt_unsupported() is None
@@ -113,11 +150,12 @@ def test_shared_prompt_with_lora(llm_dirs, tiny_tokenizer_dir, tiny_encoder_conf
                 p.normal_(0.0, 0.1)
     batch = candidates(3, 6, model.tokenizer.vocab_size)
     full, full_grads = logprobs_and_grads(model, batch, 6, shared=False)
-    shared, shared_grads = logprobs_and_grads(model, batch, 6, shared=True)
-    torch.testing.assert_close(shared, full, rtol=0, atol=1e-5)
-    assert any("lora_A" in n for n in full_grads)
-    for name, grad in full_grads.items():
-        torch.testing.assert_close(shared_grads[name], grad, rtol=0, atol=1e-5, msg=name)
+    for packed in (False, True):
+        shared, shared_grads = logprobs_and_grads(model, batch, 6, shared=True, packed=packed)
+        torch.testing.assert_close(shared, full, rtol=0, atol=1e-5)
+        assert any("lora_A" in n for n in full_grads)
+        for name, grad in full_grads.items():
+            torch.testing.assert_close(shared_grads[name], grad, rtol=0, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("shared", [False, True])

@@ -381,16 +381,16 @@ def loss_counts(mask: torch.Tensor) -> tuple[float, float]:
 def candidate_logprobs(settings: StepSettings, model, rollout: Rollout) -> torch.Tensor:
     """Per-token log-probs (B*G, T) of every candidate under ``model`` (reference or old
     policy, possibly wrapped)."""
-    from speechrl.model import token_logprobs
+    from speechrl.model import packed_token_logprobs
 
     G = rollout.rewards.shape[1]
     was_training = model.training
     model.eval()
     with autocast(settings.device, settings.precision):
         logits = model(**rollout.model_inputs(), group_size=G,
-                       shared_prompt=settings.grpo.shared_prompt).logits
+                       shared_prompt=settings.grpo.shared_prompt, packed=True).logits
     model.train(was_training)
-    return token_logprobs(logits, rollout.tokens, rollout.mask).float()
+    return packed_token_logprobs(logits, rollout.tokens, rollout.mask)[0]
 
 
 def policy_update(settings: StepSettings, policy, optimizer, rollout: Rollout,
@@ -398,17 +398,17 @@ def policy_update(settings: StepSettings, policy, optimizer, rollout: Rollout,
     """One optimizer step on the whole rollout batch (eq. 3). ``counts``: (tokens, sequences)
     over all ranks, from :func:`loss_counts`. Returns stats, or None when the loss or the
     gradient is not finite (on any rank: all ranks then skip together)."""
+    from speechrl.model import packed_token_logprobs
+
     grpo = settings.grpo
     G = grpo.group_size
     policy.train()
     optimizer.zero_grad(set_to_none=True)
     with autocast(settings.device, settings.precision):
+        # Packed: the logits of the candidates' real tokens only, (n, V).
         logits = policy(**rollout.model_inputs(), group_size=G,
-                        shared_prompt=grpo.shared_prompt).logits
-    logits = logits.float()
-    log_probs = torch.log_softmax(logits, dim=-1)
-    logp = log_probs.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)  # (B*G, T)
-    logp = logp.masked_fill(~rollout.mask, 0.0)
+                        shared_prompt=grpo.shared_prompt, packed=True).logits
+    logp, log_probs = packed_token_logprobs(logits, rollout.tokens, rollout.mask)  # (B*G, T)
     old_logp = rollout.old_logp if rollout.old_logp is not None else logp.detach()
     norm_len = settings.decoding.max_new_tokens if grpo.agg == "seq_mean_token_sum_norm" else None
     loss, stats = policy_loss(
@@ -425,9 +425,8 @@ def policy_update(settings: StepSettings, policy, optimizer, rollout: Rollout,
     if not taken:
         return None
     with torch.no_grad():
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
-        entropy = (entropy * rollout.mask).sum() / rollout.mask.sum().clamp(min=1)
-        stats["entropy"] = entropy.item()
+        entropy = -(log_probs.exp() * log_probs).sum(-1)  # (n,): every real token once
+        stats["entropy"] = (entropy.sum() / max(entropy.numel(), 1)).item()
         if rollout.sample_logp is not None:  # the rollout's log-probs against the update's
             gap = (logp.detach() - rollout.sample_logp).abs().masked_fill(~rollout.mask, 0.0)
             stats["logp_gap"] = (gap.sum() / rollout.mask.sum().clamp(min=1)).item()
