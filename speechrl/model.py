@@ -290,7 +290,7 @@ class SpeechLLM(nn.Module):
     def shared_prompt_unsupported(self) -> str | None:
         """Why this model's G candidates cannot share one prompt pass, or None when they can
         (:meth:`group_target_logits`)."""
-        base = self.llm.get_base_model() if isinstance(self.llm, peft.PeftModel) else self.llm
+        base = _unwrapped(self.llm)
         config = base.config
         if config.model_type not in SHARED_PROMPT_MODEL_TYPES:
             return (f"LLM type {config.model_type!r} is not among those checked with a shared "
@@ -333,7 +333,7 @@ class SpeechLLM(nn.Module):
             raise ValueError(f"targets hold {targets.shape[0]} rows for {B} audios x G={G}")
         prompt_embeds, prompt_mask = self.inference_prompt(speech, speech_lengths)
         targets, target_mask = targets.to(self.device), target_mask.to(self.device)
-        base = self.llm.get_base_model() if isinstance(self.llm, peft.PeftModel) else self.llm
+        base = _unwrapped(self.llm)
         decoder, lm_head = base.get_decoder(), base.get_output_embeddings()
         cache_arg = _cache_argument(self.llm)
         cache = DynamicCache(config=self.llm.config)
@@ -424,10 +424,15 @@ class SpeechLLM(nn.Module):
         return sum(p.numel() for p in params)
 
 
+def _unwrapped(llm: nn.Module) -> nn.Module:
+    """The causal LM under a PEFT wrapper (its LoRA layers are injected in place), or ``llm``."""
+    return llm.get_base_model() if isinstance(llm, peft.PeftModel) else llm
+
+
 def _cache_argument(llm: nn.Module) -> str:
     """The name a causal LM's forward gives its KV cache (transformers 5 renamed
     ``past_key_values`` to ``cache``)."""
-    base = llm.get_base_model() if isinstance(llm, peft.PeftModel) else llm
+    base = _unwrapped(llm)
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
