@@ -7,6 +7,9 @@ applies its condition with the primitives of ``speechrl.audio``:
 - ``farfield``: room reverberation (RT60 0.4-1.0 s) plus coloured noise at 5-20 dB SNR;
 - ``telephone``: reverberation (RT60 0.2-0.5 s), line noise at 25-35 dB SNR, the 300-3400 Hz
   band at 8 kHz, mu-law;
+- ``meeting``: a second talker (crosstalk) 0-6 dB below, from 10-60 % into the sentence and
+  running on past its end, where the plan has one; then a small room (RT60 0.2-0.5 s) and noise
+  at 15-30 dB SNR;
 - ``overlap`` / ``mix_overlap``: a second talker 0-6 / 3-12 dB below, from 10-60 % into the
   sentence and running on past its end;
 - ``nonspeech``: 1-8 s of babble, coloured noise, tones or near-silence, with an empty
@@ -59,6 +62,8 @@ def render(plan: UtterancePlan,
         wave, acoustics = _overlap(wave, plan, engine, rng)
     elif plan.condition == "mix_overlap":
         wave, acoustics = _overlap(wave, plan, engine, rng, below_db=(3.0, 12.0))
+    elif plan.condition == "meeting":
+        wave, acoustics = _meeting(wave, plan, engine, rng)
     elif plan.condition == "mix_noisy":
         snr = float(rng.uniform(5.0, 20.0))
         if plan.babble:
@@ -121,6 +126,22 @@ def _overlap(main: np.ndarray, plan: UtterancePlan, engine: Espeak, rng: np.rand
     return mix, {"interferer_db_below": round(below_db, 2),
                  "interferer_start_s": round(start / audio.SAMPLE_RATE, 3),
                  "overlap_s": round(overlap, 3), "interferer": speaker.label}
+
+
+def _meeting(main: np.ndarray, plan: UtterancePlan, engine: Espeak,
+             rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float | str]]:
+    """``main`` (S,) as a headset in a meeting hears it: the plan's crosstalk talker (if any)
+    0-6 dB below, then a small room and noise over both."""
+    acoustics: dict[str, float | str] = {}
+    wave = main
+    if plan.interferer is not None:
+        wave, acoustics = _overlap(main, plan, engine, rng, below_db=(0.0, 6.0))
+    rt60, drr = float(rng.uniform(0.2, 0.5)), float(rng.uniform(0.0, 6.0))
+    wave = audio.reverberate(wave, audio.room_impulse_response(rt60, rng, drr_db=drr))
+    snr = float(rng.uniform(15.0, 30.0))
+    wave = audio.mix_at_snr(wave, audio.coloured_noise(len(wave), 1.0, rng), snr)
+    acoustics.update(rt60=round(rt60, 3), drr_db=round(drr, 2), snr_db=round(snr, 2))
+    return wave, acoustics
 
 
 def _nonspeech(plan: UtterancePlan, engine: Espeak,

@@ -225,3 +225,38 @@ def test_train_mix_renders_its_conditions():
         wave, info, text = synth.render(dataclasses.replace(
             base, text="", condition="mix_nonspeech", nonspeech=kind, babble=babble), engine)
         assert text == "" and info["nonspeech"] == kind and 1.0 <= len(wave) / 16000 <= 8.0
+
+
+def test_adapt_domain_changes_the_adaptation_sets_alone():
+    telephone = synth.plan_corpus(["en", "de"], utts=40, seed=0, eval_utts=20)
+    meeting = synth.plan_corpus(["en", "de"], utts=40, seed=0, eval_utts=20,
+                                adapt_domain="meeting")
+    assert telephone == synth.plan_corpus(["en", "de"], utts=40, seed=0, eval_utts=20,
+                                          adapt_domain="telephone")
+    assert [p for p in meeting if not p.set_name.startswith("adapt")] == \
+        [p for p in telephone if not p.set_name.startswith("adapt")]
+    adapt = [p for p in meeting if p.set_name.startswith("adapt")]
+    assert len(adapt) == sum(p.set_name.startswith("adapt") for p in telephone) > 0
+    pool = set(synth.VOICE_POOLS["adapt"])
+    for p in adapt:  # every clip has crosstalk of another adaptation voice
+        assert p.condition == "meeting" and p.interferer is not None
+        assert p.speaker.variant in pool and p.interferer[1].variant in pool
+    with pytest.raises(ValueError, match="adaptation domain 'office': choose one of telephone"):
+        synth.plan_corpus(["en"], utts=4, seed=0, adapt_domain="office")
+
+
+@needs_espeak
+def test_meeting_renders_crosstalk_in_a_room():
+    engine = synth.Espeak()
+    base = synth.UtterancePlan("adapt_test", "adapt_test-en-00000", "en",
+                               "the cat sat on the mat", synth.Speaker("klatt4", 50, 170),
+                               "meeting", (0, 5, 0, 0))
+    clean, _, _ = synth.render(dataclasses.replace(base, condition="clean"), engine)
+    wave, info, text = synth.render(dataclasses.replace(
+        base, interferer=("a second talker says this", synth.Speaker("robosoft3", 40, 150))),
+        engine)
+    assert text == base.text and 0.0 <= info["interferer_db_below"] <= 6.0
+    assert info["overlap_s"] > 0 and len(wave) > len(clean)  # runs on past the main talker
+    assert 0.2 <= info["rt60"] <= 0.5 and 15.0 <= info["snr_db"] <= 30.0
+    alone, info, _ = synth.render(base, engine)  # no interferer planned: the room alone
+    assert "interferer_db_below" not in info and abs(len(alone) - len(clean)) < 0.05 * len(clean)
