@@ -402,7 +402,7 @@ def synthesize_corpus(
         raise ValueError(f"languages {unknown or '(none)'} not supported; choose from {LANGUAGES}")
     out = Path(out_dir)
     version = espeak_version()  # fails early, with advice, when espeak-ng is missing
-    sets = corpus_sets(adapt_domain)  # fails on an unknown domain before any work
+    sets = corpus_sets(adapt_domain)  # the specs corpus.json describes
     plans = plan_corpus(langs, utts, seed, eval_utts, train_mix, grpo_mix, test_utts,
                         adapt_domain)
     for spec in SETS:
@@ -448,7 +448,7 @@ def _render_all(out: Path, plans: list[UtterancePlan], workers: int | None,
 
 def _write_description(out: Path, by_set: dict[str, list[dict]], langs: Sequence[str],
                        utts: int, seed: int, version: str, train_mix: TrainMix,
-                       grpo_mix: TrainMix, specs: tuple[SetSpec, ...] = SETS) -> None:
+                       grpo_mix: TrainMix, specs: tuple[SetSpec, ...]) -> None:
     sets = {}
     for spec in specs:
         mine = by_set[spec.name]
