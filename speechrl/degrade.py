@@ -10,6 +10,8 @@ applies its condition with the primitives of ``speechrl.audio``:
 - ``meeting``: a second talker (crosstalk) 0-6 dB below, from 10-60 % into the sentence and
   running on past its end, where the plan has one; then a small room (RT60 0.2-0.5 s) and noise
   at 15-30 dB SNR;
+- ``headset``: a second talker (crosstalk) 0-6 dB below, from 10-60 % into the sentence and
+  running on past its end, then noise at 20-35 dB SNR (no room: a close-talking microphone);
 - ``overlap`` / ``mix_overlap``: a second talker 0-6 / 3-12 dB below, from 10-60 % into the
   sentence and running on past its end;
 - ``nonspeech``: 1-8 s of babble, coloured noise, tones or near-silence, with an empty
@@ -64,6 +66,11 @@ def render(plan: UtterancePlan,
         wave, acoustics = _overlap(wave, plan, engine, rng, below_db=(3.0, 12.0))
     elif plan.condition == "meeting":
         wave, acoustics = _meeting(wave, plan, engine, rng)
+    elif plan.condition == "headset":
+        wave, acoustics = _overlap(wave, plan, engine, rng, below_db=(0.0, 6.0))
+        snr = float(rng.uniform(20.0, 35.0))
+        wave = audio.mix_at_snr(wave, audio.coloured_noise(len(wave), 1.0, rng), snr)
+        acoustics["snr_db"] = round(snr, 2)
     elif plan.condition == "mix_noisy":
         snr = float(rng.uniform(5.0, 20.0))
         if plan.babble:

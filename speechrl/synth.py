@@ -11,7 +11,8 @@ module builds a small corpus with the same shape:
    out-of-domain, adaptation.
 3. Acoustics (``speechrl.degrade``): babble or coloured noise at 0-10 dB SNR (``ood_noisy``),
    synthetic room reverberation plus noise (``ood_farfield``), narrow-band telephone with
-   reverberation or crosstalk in a meeting room (``adapt_*``, by ``--adapt-domain``).
+   reverberation, crosstalk in a meeting room or crosstalk on a headset (``adapt_*``, by
+   ``--adapt-domain``).
 4. Hallucination probes, where an LLM recogniser is tempted to write what was not said:
    ``ood_overlap`` (a second, unseen talker 0-6 dB below the main one, running past its end, as
    in meetings), ``ood_nonspeech`` (babble of unseen voices, coloured noise, tones or near-silence
@@ -53,7 +54,8 @@ CHUNK = 16  # utterances rendered by one fresh worker process
 # --------------------------------------------------------------------------- voices
 
 # Three disjoint pools of espeak-ng variants (``espeak-ng --voices=variant``): the
-# out-of-domain and adaptation sets are spoken by voices never heard in training.
+# out-of-domain and adaptation sets are spoken by voices never heard in training (the
+# hallucination probes and the headset domain by in-domain talkers under unseen interferers).
 VOICE_POOLS = {
     "in_domain": ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
                   "adam", "Alex", "Alicia", "Andrea", "Andy", "Annie", "aunty", "belinda",
@@ -121,14 +123,19 @@ SETS = (
             "holds"),
 )
 # What the adaptation sets (``adapt_*``) hold, by ``--adapt-domain``: a narrow-band telephone
-# line, or crosstalk in a meeting room as the paper's AMI (where its SFT model's errors are
-# mostly insertions: table III). The adaptation voices in both.
+# line; crosstalk in a meeting room; or crosstalk on a headset as the paper's AMI-IHM (where its
+# SFT model's errors are mostly insertions: table III). The adaptation voices speak the first two;
+# on the headset they are the crosstalk, over in-domain talkers, so that what is new is the
+# condition (as in the probe sets).
 ADAPT_DOMAINS = {
     "telephone": ("own voices; reverberation (RT60 0.2-0.5 s), 300-3400 Hz telephone band, "
                   "8 kHz, mu-law, line noise 25-35 dB SNR"),
     "meeting": ("own voices; a second own-pool talker 0-6 dB below, from 10-60 % into the "
                 "sentence and running on past its end (crosstalk; the reference is the main "
                 "talker's text); room RT60 0.2-0.5 s, noise 15-30 dB SNR"),
+    "headset": ("in-domain voices; a talker of the own pool 0-6 dB below, from 10-60 % into the "
+                "sentence and running on past its end (crosstalk; the reference is the main "
+                "talker's text); noise 20-35 dB SNR, no room"),
 }
 # The share of meeting clips with crosstalk: every one. With 3 in 4 at 0-8 dB below, the demo's
 # SFT model made 13 % insertions against 52 % substitutions there (docs/results.md, 13th
@@ -141,8 +148,9 @@ def corpus_sets(adapt_domain: str = "telephone") -> tuple[SetSpec, ...]:
     if adapt_domain not in ADAPT_DOMAINS:
         raise ValueError(f"adaptation domain {adapt_domain!r}: choose one of "
                          f"{', '.join(ADAPT_DOMAINS)}")
+    main_pool = "in_domain" if adapt_domain == "headset" else "adapt"  # who is transcribed
     return tuple(dataclasses.replace(
-        spec, condition=adapt_domain,
+        spec, condition=adapt_domain, pool=main_pool,
         description=ADAPT_DOMAINS[adapt_domain] if spec.name == "adapt_train" else "as adapt_train")
         if spec.pool == "adapt" else spec for spec in SETS)
 
@@ -270,6 +278,8 @@ def plan_corpus(langs: Sequence[str], utts: int, seed: int,
                     extra["interferer"] = (generator.sentence(rng), draw_speaker("ood", rng))
                 elif spec.condition == "meeting" and rng.random() < MEETING_CROSSTALK:
                     extra["interferer"] = (generator.sentence(rng), draw_speaker(spec.pool, rng))
+                elif spec.condition == "headset":
+                    extra["interferer"] = (generator.sentence(rng), draw_speaker("adapt", rng))
                 elif spec.condition == "long":
                     extra["more_text"] = tuple(_unused_sentence(generator, used, rng)
                                                for _ in range(LONG_MAX_SENTENCES - 1))
@@ -470,7 +480,7 @@ def _write_description(out: Path, by_set: dict[str, list[dict]], langs: Sequence
         "train_domains": {d: sum(r["domain"] == d for r in by_set["train"])
                           for d in sorted({r["domain"] for r in by_set["train"]})},
         "grpo_mix": dataclasses.asdict(grpo_mix),
-        "adapt_domain": next(spec.condition for spec in specs if spec.pool == "adapt"),
+        "adapt_domain": next(spec.condition for spec in specs if spec.name == "adapt_train"),
         "grpo_train_domains": {d: sum(r["domain"] == d for r in by_set["grpo_train"])
                                for d in sorted({r["domain"] for r in by_set["grpo_train"]})},
         "sample_rate": SAMPLE_RATE,
@@ -511,8 +521,10 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--grpo-mix", default="", metavar="noisy=S,overlap=S,nonspeech=S",
                         help="the same for grpo_train, GRPO's own training set (default: clean)")
     parser.add_argument("--adapt-domain", choices=tuple(ADAPT_DOMAINS), default="telephone",
-                        help="what the adaptation sets (adapt_*) hold: a telephone line or "
-                             "crosstalk in a meeting room (default: %(default)s)")
+                        help="what the adaptation sets (adapt_*) hold: a telephone line, "
+                             "crosstalk in a meeting room, or crosstalk of adaptation voices "
+                             "over in-domain talkers on a headset (the demo's; default: "
+                             "%(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes (default: every available CPU)")

@@ -100,6 +100,10 @@ def test_demo_stopped_in_every_stage_resumes_each_then_a_restart_only_rewrites_t
         return json.loads((out / name / f"{kind}_config.json").read_text())
 
     data = out / "data"
+    # The adaptation sets are the headset domain: in-domain talkers under crosstalk.
+    assert json.loads((data / "corpus.json").read_text())["adapt_domain"] == "headset"
+    assert {json.loads(line)["domain"] for line in
+            (data / "adapt_test.jsonl").read_text().splitlines()} == {"headset"}
     sft, grpo = stage_config("sft"), stage_config("grpo")
     assert (sft["train"]["max_steps"], sft["data"]["train"]) == (6, [str(data / "train.jsonl")])
     # SFT trains everything from step 1, with the preset's CTC term on the speech tokens.

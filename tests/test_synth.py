@@ -241,6 +241,15 @@ def test_adapt_domain_changes_the_adaptation_sets_alone():
     for p in adapt:  # every clip has crosstalk of another adaptation voice
         assert p.condition == "meeting" and p.interferer is not None
         assert p.speaker.variant in pool and p.interferer[1].variant in pool
+    headset = synth.plan_corpus(["en", "de"], utts=40, seed=0, eval_utts=20,
+                                adapt_domain="headset")
+    assert [p for p in headset if not p.set_name.startswith("adapt")] == \
+        [p for p in telephone if not p.set_name.startswith("adapt")]
+    in_domain = set(synth.VOICE_POOLS["in_domain"])
+    for p in (p for p in headset if p.set_name.startswith("adapt")):
+        # in-domain talkers transcribed, an adaptation voice the crosstalk
+        assert p.condition == "headset" and p.interferer is not None
+        assert p.speaker.variant in in_domain and p.interferer[1].variant in pool
     with pytest.raises(ValueError, match="adaptation domain 'office': choose one of telephone"):
         synth.plan_corpus(["en"], utts=4, seed=0, adapt_domain="office")
 
@@ -260,3 +269,24 @@ def test_meeting_renders_crosstalk_in_a_room():
     assert 0.2 <= info["rt60"] <= 0.5 and 15.0 <= info["snr_db"] <= 30.0
     alone, info, _ = synth.render(base, engine)  # no interferer planned: the room alone
     assert "interferer_db_below" not in info and abs(len(alone) - len(clean)) < 0.05 * len(clean)
+
+
+@needs_espeak
+def test_headset_renders_crosstalk_and_noise_without_a_room(monkeypatch):
+    from speechrl import degrade
+
+    def no_room(*args, **kwargs):
+        raise AssertionError("a headset clip went through a room")
+
+    monkeypatch.setattr(degrade.audio, "reverberate", no_room)
+    engine = synth.Espeak()
+    base = synth.UtterancePlan("adapt_test", "adapt_test-en-00000", "en",
+                               "the cat sat on the mat", synth.Speaker("m3", 50, 170), "headset",
+                               (0, 5, 0, 0),
+                               interferer=("a second talker says this",
+                                           synth.Speaker("robosoft3", 40, 150)))
+    clean, _, _ = synth.render(dataclasses.replace(base, condition="clean"), engine)
+    wave, info, text = synth.render(base, engine)
+    assert text == base.text and 0.0 <= info["interferer_db_below"] <= 6.0
+    assert info["overlap_s"] > 0 and len(wave) > 1.1 * len(clean)  # runs on past the main talker
+    assert 20.0 <= info["snr_db"] <= 35.0 and "rt60" not in info
