@@ -266,3 +266,38 @@ def test_phase_memory_ragged_candidates_cost_only_their_real_tokens(capsys):
     assert ragged["ref_full"] < 0.9 * full["ref_full"]
     assert ragged["update_shared"] < full["update_shared"]
     assert "Candidates ragged" in capsys.readouterr().out
+
+
+def test_best_of_group_picks_and_totals_by_hand():
+    best = load("best_of_group")
+    texts = ["a b", "c", "a b c", "d"]
+    # best reward -0.5 at 0 and 2: fewer words wins (0); fewest words (1) at 1 and 3: the better
+    # reward wins (3)
+    assert best.choose(texts, [-0.5, -1.0, -0.5, -0.8], texts) == \
+        {"sample": 0, "best of G": 0, "fewest words": 3}
+    from speechrl.metrics import error_counts
+
+    # "a b c" -> "a x c d": 1 substitution, 1 insertion; "d e" -> "": 2 deletions; 5 words
+    per, _ = error_counts(["a b c", "d e"], ["a x c d", ""])
+    assert best.totals(per) == {"wer": 80.0, "ins": 20.0, "del": 40.0, "sub": 20.0}
+
+
+def test_best_of_group_oracles_bound_the_first_sample(tiny_model, tone_corpus):
+    from speechrl.config import DecodingConfig, GRPOConfig, RunConfig, TrainConfig
+    from speechrl.rewards import build_reward
+    from speechrl.train.grpo import StepSettings, resolve_algorithm
+
+    best = load("best_of_group")
+    cfg = RunConfig(train=TrainConfig(precision="fp32", device="cpu"),
+                    decoding=DecodingConfig(max_new_tokens=12),
+                    grpo=resolve_algorithm(GRPOConfig(group_size=3)))
+    settings = StepSettings.of(cfg, torch.device("cpu"))
+    f = best.measure_set(settings, tiny_model.eval(), str(tone_corpus["dev"]),
+                         build_reward("wer"), seed=0, batch_size=4)
+    assert set(f) == set(best.CHOICES)
+    # Per utterance the best of G has no more errors than the first sample (same reference),
+    # and the shortest candidate no more words: so over the set too.
+    assert f["best of G"]["wer"] <= f["sample"]["wer"] + 1e-9
+    assert f["fewest words"]["words"] <= f["sample"]["words"] + 1e-9
+    assert f["fewest words"]["words"] <= f["best of G"]["words"] + 1e-9
+    assert all(math.isfinite(f[c]["wer"]) and f[c]["wer"] > 0 for c in best.CHOICES)
