@@ -2,15 +2,16 @@
 
     .venv/bin/python benchmarks/best_of_group.py --checkpoint runs/demo/checkpoints/sft \
         --data ood_overlap=runs/demo/data/ood_overlap.jsonl [--data NAME=MANIFEST ...] \
-        [--group 6] [--temperature 1.0] [--reward wer] [--precision fp32] [--seed 0]
-        [--threads N] [--append [FILE]]
+        [--group 6] [--temperature 1.0] [--reward wer] [--max-new-tokens 96] [--batch 8] \
+        [--precision fp32] [--seed 0] [--threads N] [--append [FILE]]
 
 GRPO can only push the policy towards candidates its own groups contain. For every row of each
 manifest this samples ``--group`` candidates as the trainer's rollout does
 (``speechrl.train.grpo.sample_groups``: the preset's caps, per-audio seeds) and scores, over
 the set (errors summed over utterances, divided by the reference words):
 
-- ``greedy``: the checkpoint's greedy decoding, what the report measures;
+- ``greedy``: the checkpoint's greedy decoding with ``speechrl eval``'s options and caps, what
+  the report measures;
 - ``sample``: the first sampled candidate of each group, what a rollout typically writes;
 - ``best of G``: the candidate of highest ``--reward`` in each group (ties: fewest words), an
   oracle: the most a policy that always chose the best of its own group would reach;
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from _common import append_record, command_line, markdown_table, torch_threads
@@ -33,7 +35,8 @@ from _common import append_record, command_line, markdown_table, torch_threads
 from speechrl.checkpoint import load_model
 from speechrl.config import DataConfig, DecodingConfig, GRPOConfig, RunConfig, TrainConfig
 from speechrl.data import make_dataloader
-from speechrl.generate import DecodingOptions, generate_from_speech, max_tokens_for_duration
+from speechrl.evaluate import decoding_options
+from speechrl.generate import generate_from_speech
 from speechrl.metrics import ErrorCounts, error_counts
 from speechrl.rewards import build_reward
 from speechrl.runtime import autocast
@@ -79,7 +82,7 @@ def measure_set(settings: StepSettings, model, manifest: str, reward_fn, seed: i
     norm = reward_fn.normalize
     refs: list[str] = []
     hyps: dict[str, list[str]] = {c: [] for c in CHOICES}
-    decoding = settings.decoding
+    greedy_options = decoding_options()  # speechrl eval's
     for i, batch in enumerate(loader):
         rollout = sample_groups(settings, model, batch, reward_fn, seed * 100_003 + i,
                                 _NoTimer())
@@ -87,12 +90,8 @@ def measure_set(settings: StepSettings, model, manifest: str, reward_fn, seed: i
         langs = list(batch.languages)
         with torch.no_grad(), autocast(settings.device, settings.precision):
             speech, lengths = model.encode_speech(batch.inputs, batch.input_lengths)
-            caps = max_tokens_for_duration(batch.durations, decoding.tokens_per_second,
-                                           floor=min(8, decoding.max_new_tokens),
-                                           cap=decoding.max_new_tokens)
-            greedy = generate_from_speech(
-                model, speech, lengths, DecodingOptions(max_new_tokens=decoding.max_new_tokens),
-                max_new_tokens=caps)
+            greedy = generate_from_speech(model, speech, lengths, greedy_options,
+                                          durations=batch.durations)
         refs += norm(list(batch.texts), langs)
         hyps["greedy"] += norm(greedy.texts, langs)
         for b, lang in enumerate(langs):
@@ -101,6 +100,8 @@ def measure_set(settings: StepSettings, model, manifest: str, reward_fn, seed: i
             picks = choose(texts, rollout.rewards[b].tolist(), normed)
             for name, g in picks.items():
                 hyps[name].append(normed[g])
+    if not refs:
+        raise SystemExit(f"best_of_group: {manifest} has no rows")
     out = {}
     for name in CHOICES:
         per, _ = error_counts(refs, hyps[name])
@@ -127,7 +128,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             parser.error(f"--data {item!r}: write NAME=MANIFEST")
+        if not Path(path).is_file():
+            parser.error(f"--data {name}: no manifest at {path}")
         sets[name] = path
+    if not Path(args.checkpoint).is_dir():
+        parser.error(f"--checkpoint {args.checkpoint}: no checkpoint folder there")
     with torch_threads(args.threads):
         return run(args, sets, argv)
 

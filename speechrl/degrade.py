@@ -8,7 +8,7 @@ applies its condition with the primitives of ``speechrl.audio``:
 - ``telephone``: reverberation (RT60 0.2-0.5 s), line noise at 25-35 dB SNR, the 300-3400 Hz
   band at 8 kHz, mu-law;
 - ``meeting``: a second talker (crosstalk) 0-6 dB below, from 10-60 % into the sentence and
-  running on past its end, where the plan has one; then a small room (RT60 0.2-0.5 s) and noise
+  running on past its end (every planned clip has one); then a small room (RT60 0.2-0.5 s) and noise
   at 15-30 dB SNR;
 - ``headset``: a second talker (crosstalk) 0-6 dB below, from 10-60 % into the sentence and
   running on past its end, then noise at 20-35 dB SNR (no room: a close-talking microphone);

@@ -133,9 +133,9 @@ ADAPT_DOMAINS = {
     "meeting": ("own voices; a second own-pool talker 0-6 dB below, from 10-60 % into the "
                 "sentence and running on past its end (crosstalk; the reference is the main "
                 "talker's text); room RT60 0.2-0.5 s, noise 15-30 dB SNR"),
-    "headset": ("in-domain voices; a talker of the own pool 0-6 dB below, from 10-60 % into the "
-                "sentence and running on past its end (crosstalk; the reference is the main "
-                "talker's text); noise 20-35 dB SNR, no room"),
+    "headset": ("in-domain voices; a talker of the adaptation pool (unseen in training) 0-6 dB "
+                "below, from 10-60 % into the sentence and running on past its end (crosstalk; "
+                "the reference is the main talker's text); noise 20-35 dB SNR, no room"),
 }
 
 
@@ -257,8 +257,8 @@ def plan_corpus(langs: Sequence[str], utts: int, seed: int,
         for si, spec in enumerate(sets):
             rng = np.random.default_rng([seed, si, li])
             # The adaptation domains' crosstalk draws from a stream of its own: the sets' texts
-            # and talkers, and so every later set's unique sentences, are the same whatever
-            # --adapt-domain says.
+            # and the other random draws, and so every later set's unique sentences, are the
+            # same whatever --adapt-domain says.
             crosstalk = np.random.default_rng([seed, si, li, 2])
             for i in range(sizes[spec.name]):
                 extra: dict = {}
