@@ -159,6 +159,31 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, reward: str) -> None:
+    """The rollout options of the benchmarks that sample GRPO groups from a checkpoint
+    (``grpo_signal.py``, ``best_of_group.py``): group, temperature, reward, caps, precision,
+    seed, threads and where to append the record."""
+    parser.add_argument("--group", type=int, default=6)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--reward", default=reward)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--append", nargs="?", const="docs/benchmarks.md", default=None)
+
+
+def sampling_config(args: argparse.Namespace):
+    """The CPU run configuration :func:`add_sampling_arguments`' options describe (the
+    algorithm resolved, as the trainer resolves it)."""
+    from speechrl.config import DecodingConfig, GRPOConfig, RunConfig, TrainConfig
+    from speechrl.train.grpo import resolve_algorithm
+
+    grpo = resolve_algorithm(GRPOConfig(group_size=args.group, temperature=args.temperature))
+    return RunConfig(train=TrainConfig(precision=args.precision, device="cpu"),
+                     decoding=DecodingConfig(max_new_tokens=args.max_new_tokens), grpo=grpo)
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int | None):
     """Run with ``threads`` CPU threads (None: as is), restoring the previous number after."""

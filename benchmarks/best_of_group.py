@@ -30,28 +30,28 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from _common import append_record, command_line, markdown_table, torch_threads
+from _common import (
+    add_sampling_arguments,
+    append_record,
+    command_line,
+    markdown_table,
+    sampling_config,
+    torch_threads,
+)
 
 from speechrl.checkpoint import load_model
-from speechrl.config import DataConfig, DecodingConfig, GRPOConfig, RunConfig, TrainConfig
+from speechrl.config import DataConfig
 from speechrl.data import make_dataloader
 from speechrl.evaluate import decoding_options
 from speechrl.generate import generate_from_speech
 from speechrl.metrics import ErrorCounts, error_counts
 from speechrl.rewards import build_reward
 from speechrl.runtime import autocast
-from speechrl.train.grpo import StepSettings, resolve_algorithm, sample_groups
+from speechrl.train.grpo import StepSettings, StepTimer, sample_groups
 
 CHOICES = ("greedy", "sample", "best of G", "fewest words")
 HEADERS = ("set", "choice", "WER %", "Ins %", "Del %", "Sub %", "words / clip",
            "Ins vs greedy")
-
-
-class _NoTimer:
-    def __call__(self, name: str):
-        import contextlib
-
-        return contextlib.nullcontext()
 
 
 def choose(texts: list[str], rewards: list[float], norm_texts: list[str]) -> dict[str, int]:
@@ -85,7 +85,7 @@ def measure_set(settings: StepSettings, model, manifest: str, reward_fn, seed: i
     greedy_options = decoding_options()  # speechrl eval's
     for i, batch in enumerate(loader):
         rollout = sample_groups(settings, model, batch, reward_fn, seed * 100_003 + i,
-                                _NoTimer())
+                                StepTimer())
         G = rollout.rewards.shape[1]
         langs = list(batch.languages)
         with torch.no_grad(), autocast(settings.device, settings.precision):
@@ -113,15 +113,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data", action="append", required=True, metavar="NAME=MANIFEST")
-    parser.add_argument("--group", type=int, default=6)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--reward", default="wer")
-    parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--append", nargs="?", const="docs/benchmarks.md", default=None)
+    parser.add_argument("--batch", type=int, default=8, help="audios per rollout batch")
+    add_sampling_arguments(parser, reward="wer")
     args = parser.parse_args(argv)
     sets = {}
     for item in args.data:
@@ -142,10 +135,7 @@ def run(args: argparse.Namespace, sets: dict[str, str], argv) -> dict:
     start = time.perf_counter()
     model = load_model(args.checkpoint, device=device)
     model.eval()
-    grpo = resolve_algorithm(GRPOConfig(group_size=args.group, temperature=args.temperature))
-    cfg = RunConfig(train=TrainConfig(precision=args.precision, device="cpu"),
-                    decoding=DecodingConfig(max_new_tokens=args.max_new_tokens), grpo=grpo)
-    settings = StepSettings.of(cfg, device)
+    settings = StepSettings.of(sampling_config(args), device)
     reward_fn = build_reward(args.reward)
     figures, rows = {}, []
     for name, manifest in sets.items():

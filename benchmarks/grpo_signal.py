@@ -35,10 +35,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import append_record, command_line, markdown_table, torch_threads
+from _common import (
+    add_sampling_arguments,
+    append_record,
+    command_line,
+    markdown_table,
+    sampling_config,
+    torch_threads,
+)
 
 from speechrl.checkpoint import load_model
-from speechrl.config import DataConfig, DecodingConfig, GRPOConfig, RunConfig, TrainConfig
+from speechrl.config import DataConfig, RunConfig
 from speechrl.data import make_dataloader
 from speechrl.distributed import World
 from speechrl.generate import DecodingOptions, generate_from_speech, max_tokens_for_duration
@@ -48,17 +55,10 @@ from speechrl.model import token_logprobs
 from speechrl.rewards import build_reward
 from speechrl.runtime import MetricsLogger, autocast
 from speechrl.train.common import Run
-from speechrl.train.grpo import Rollout, StepSettings, resolve_algorithm, sample_groups
+from speechrl.train.grpo import Rollout, StepSettings, StepTimer, sample_groups
 
 HEADERS = ("reward", "mean", "within-group var %", "all-equal groups %", "distinct / group",
            "|G|^2", "tr(S)", "B_noise", "SNR at B", "cos(halves)")
-
-
-class _Timer:
-    def __call__(self, name: str):
-        import contextlib
-
-        return contextlib.nullcontext()
 
 
 def make_run(cfg: RunConfig, device: torch.device) -> Run:
@@ -132,14 +132,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--data", required=True, help="the training manifest")
     parser.add_argument("--audios", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8, help="audios per rollout batch")
-    parser.add_argument("--group", type=int, default=6)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--reward", default="wer,ed,em")
-    parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--append", nargs="?", const="docs/benchmarks.md", default=None)
+    add_sampling_arguments(parser, reward="wer,ed,em")
     args = parser.parse_args(argv)
     with torch_threads(args.threads):
         return run(args, argv)
@@ -149,10 +142,8 @@ def run(args: argparse.Namespace, argv) -> dict:
     device = torch.device("cpu")
     start = time.perf_counter()
     model = load_model(args.checkpoint, device=device)
-    grpo = resolve_algorithm(GRPOConfig(group_size=args.group, temperature=args.temperature))
-    decoding = DecodingConfig(max_new_tokens=args.max_new_tokens)
-    cfg = RunConfig(train=TrainConfig(precision=args.precision, device="cpu"), decoding=decoding,
-                    grpo=grpo)
+    cfg = sampling_config(args)
+    decoding = cfg.decoding
     trainer = make_run(cfg, device)
     settings = StepSettings.of(cfg, device)
     rewards_fns = {name: build_reward(name) for name in args.reward.split(",")}
@@ -161,7 +152,7 @@ def run(args: argparse.Namespace, argv) -> dict:
     for i, batch in enumerate(draw_batches(args.data, args.audios, args.seed, model,
                                            args.batch)):
         rollout = sample_groups(settings, model, batch, main_reward, args.seed * 1000 + i,
-                                _Timer())
+                                StepTimer())
         rollouts.append((rollout, batch))
     greedy_refs, greedy_hyps, sampled_wers = [], [], []
     rows, figures = [], {}
