@@ -65,12 +65,9 @@ def render(plan: UtterancePlan,
     elif plan.condition == "mix_overlap":
         wave, acoustics = _overlap(wave, plan, engine, rng, below_db=(3.0, 12.0))
     elif plan.condition == "meeting":
-        wave, acoustics = _meeting(wave, plan, engine, rng)
+        wave, acoustics = _crosstalk(wave, plan, engine, rng, room=True, snr_db=(15.0, 30.0))
     elif plan.condition == "headset":
-        wave, acoustics = _overlap(wave, plan, engine, rng, below_db=(0.0, 6.0))
-        snr = float(rng.uniform(20.0, 35.0))
-        wave = audio.mix_at_snr(wave, audio.coloured_noise(len(wave), 1.0, rng), snr)
-        acoustics["snr_db"] = round(snr, 2)
+        wave, acoustics = _crosstalk(wave, plan, engine, rng, room=False, snr_db=(20.0, 35.0))
     elif plan.condition == "mix_noisy":
         snr = float(rng.uniform(5.0, 20.0))
         if plan.babble:
@@ -135,19 +132,23 @@ def _overlap(main: np.ndarray, plan: UtterancePlan, engine: Espeak, rng: np.rand
                  "overlap_s": round(overlap, 3), "interferer": speaker.label}
 
 
-def _meeting(main: np.ndarray, plan: UtterancePlan, engine: Espeak,
-             rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float | str]]:
-    """``main`` (S,) as a headset in a meeting hears it: the plan's crosstalk talker (if any)
-    0-6 dB below, then a small room and noise over both."""
+def _crosstalk(main: np.ndarray, plan: UtterancePlan, engine: Espeak, rng: np.random.Generator,
+               room: bool, snr_db: tuple[float, float]
+               ) -> tuple[np.ndarray, dict[str, float | str]]:
+    """``main`` (S,) as a microphone among other talkers hears it: the plan's crosstalk talker
+    (if any) 0-6 dB below, then a small room (RT60 0.2-0.5 s: a meeting) when ``room``, and
+    pink noise at ``snr_db`` over all."""
     acoustics: dict[str, float | str] = {}
     wave = main
     if plan.interferer is not None:
         wave, acoustics = _overlap(main, plan, engine, rng, below_db=(0.0, 6.0))
-    rt60, drr = float(rng.uniform(0.2, 0.5)), float(rng.uniform(0.0, 6.0))
-    wave = audio.reverberate(wave, audio.room_impulse_response(rt60, rng, drr_db=drr))
-    snr = float(rng.uniform(15.0, 30.0))
+    if room:
+        rt60, drr = float(rng.uniform(0.2, 0.5)), float(rng.uniform(0.0, 6.0))
+        wave = audio.reverberate(wave, audio.room_impulse_response(rt60, rng, drr_db=drr))
+        acoustics.update(rt60=round(rt60, 3), drr_db=round(drr, 2))
+    snr = float(rng.uniform(*snr_db))
     wave = audio.mix_at_snr(wave, audio.coloured_noise(len(wave), 1.0, rng), snr)
-    acoustics.update(rt60=round(rt60, 3), drr_db=round(drr, 2), snr_db=round(snr, 2))
+    acoustics["snr_db"] = round(snr, 2)
     return wave, acoustics
 
 
