@@ -82,9 +82,9 @@ GRPO_ALGORITHM = ("grpo.algorithm=dapo", "grpo.beta=0.04")
 # paper's AMI-IHM, where its SFT model's errors are mostly insertions. On it the demo's SFT model
 # makes 34.2 / 6.1 / 44.4 % insertions / deletions / substitutions (insertions over a third of the
 # errors, the criterion fixed before the design was rendered); on the telephone line before it,
-# 2.7 / 22.0 / 67.2. There GRPO adaptation beat SFT adaptation on every seed, by 2-5 points, and
-# forgot 31 points less; on the telephone line SFT adaptation won by 8 (docs/results.md,
-# fourteenth session).
+# 2.7 / 22.0 / 67.2. There every GRPO adaptation seed beat every SFT adaptation seed, by 1-6
+# points, and forgot 31 points less; on the telephone line SFT adaptation won by 8-12
+# (docs/results.md, fourteenth session).
 ADAPT_DOMAIN = "headset"
 CTC_DROPOUT = 0.0
 
