@@ -300,7 +300,7 @@ def _check_synth_arguments(args: argparse.Namespace) -> None:
                           ("--test-utts", args.test_utts), ("--workers", args.workers)):
         if value is not None and value < 1:
             raise ConfigError(f"{option} {value}: give at least 1")
-    from speechrl.synth import TrainMix
+    from speechrl.corpus_plan import TrainMix
 
     for option, value in (("--train-mix", args.train_mix), ("--grpo-mix", args.grpo_mix)):
         try:

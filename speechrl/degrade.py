@@ -1,6 +1,6 @@
 """The synthetic corpus's acoustic conditions: a planned utterance rendered as 16 kHz audio.
 
-:func:`render` speaks a plan of ``speechrl.synth`` with espeak-ng (``speechrl.espeak``) and
+:func:`render` speaks a plan of ``speechrl.corpus_plan`` with espeak-ng (``speechrl.espeak``) and
 applies its condition with the primitives of ``speechrl.audio``:
 
 - ``noisy``: babble of 3-5 talkers or coloured noise at 0-10 dB SNR;
@@ -36,7 +36,7 @@ from speechrl import audio
 from speechrl.espeak import Espeak, speak
 
 if TYPE_CHECKING:
-    from speechrl.synth import UtterancePlan
+    from speechrl.corpus_plan import UtterancePlan
 
 # What ood_nonspeech clips hold, each drawn equally often.
 NONSPEECH_KINDS = ("babble", "noise", "tones", "silence")

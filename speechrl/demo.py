@@ -248,7 +248,8 @@ def run_demo(out: str | Path, quick: bool = False, scale: DemoScale | None = Non
     from speechrl.runtime import check_precision
 
     check_precision(precision, "demo --precision")
-    from speechrl.synth import TrainMix, synthesize_corpus
+    from speechrl.corpus_plan import TrainMix
+    from speechrl.synth import synthesize_corpus
 
     out = Path(out)
     scale = scale or (QUICK if quick else FULL)
