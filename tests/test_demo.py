@@ -121,6 +121,9 @@ def test_demo_stopped_in_every_stage_resumes_each_then_a_restart_only_rewrites_t
         assert cfg["train"]["max_steps"] == 2
     assert stage_config("adapt_sft")["train"]["warmup_steps"] == 1
     assert stage_config("adapt_grpo")["train"]["warmup_steps"] == 0  # the GRPO preset's
+    # Each adaptation stage at the lr chosen on the adaptation dev set, not its preset's.
+    assert stage_config("adapt_sft")["train"]["lr"] == 5e-4 != sft["train"]["lr"]
+    assert stage_config("adapt_grpo")["train"]["lr"] == 1e-4
 
     # SFT and GRPO decoded every row of every evaluation set, the probes included; the
     # adaptation runs the two sets of table IV.
