@@ -6,9 +6,10 @@
 Times ``speechrl.synth.synthesize_corpus`` writing into a temporary folder (deleted after each
 run): text generation, espeak-ng speech, the acoustic conditions of every set, FLAC encoding
 and the manifests. ``--utts`` is the number of training utterances per language, as for
-``speechrl synth``; the other sets add 80 % on top (see ``speechrl.corpus_plan.SETS``). The default,
-400, is the corpus of ``make demo`` (3,600 utterances over five languages). Prints every run
-and the best, which is the least disturbed by other work on the machine.
+``speechrl synth``; the other sets add 122 % on top (see ``speechrl.corpus_plan.SETS``). The
+default, 400, makes 4,440 utterances over five languages (``make demo`` makes 10,220 in two:
+``speechrl.demo``). Prints every run and the best, which is the least disturbed by other work on
+the machine.
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ class SetSpec:
     name: str
     share: float  # utterances per language, as a fraction of ``utts`` (``eval_utts`` if set)
     pool: str  # voice pool
-    condition: str  # "clean" | "noisy" | "farfield" | "telephone"; also the manifest domain
+    condition: str  # "clean" | "noisy" | "farfield" | an adaptation domain | "overlap" |
+    #   "nonspeech" | "long"; also the manifest domain
     description: str
 
 
@@ -163,6 +164,8 @@ class TrainMix:
             except ValueError:
                 raise ValueError(f"train mix {item!r}: {value!r} is not a number") from None
         return cls(**shares)
+
+
 # ood_long: planned sentences per clip, spoken in order while the clip is short enough
 # (speechrl.degrade.LONG_SECONDS).
 LONG_MAX_SENTENCES = 8

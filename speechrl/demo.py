@@ -76,14 +76,14 @@ GRPO_LR = 5e-5
 # speech insertions by 45 % and an overlapped talker's by 19 %, against 22 % and 15 % with GRPO,
 # in-domain WER level with GRPO's (+0.04 [-0.67, +0.71]); DAPO without the KL term lost the
 # in-domain gain and Dr. GRPO cost 1.8 points there (docs/results.md, thirteenth session).
-# The adaptation stage keeps the preset's GRPO.
+# The adaptation stage keeps the preset's GRPO loss (at ADAPT_GRPO_LR, below).
 GRPO_ALGORITHM = ("grpo.algorithm=dapo", "grpo.beta=0.04")
 # The adaptation stages' lrs, each the one of its grid with the lowest adaptation-dev WER (two
 # seeds, the demo's 60 steps): SFT 5e-4 of 1.5e-3 / 5e-4 / 1.5e-4 (dev 76.5 / 64.3 / 65.3 %),
 # GRPO 1e-4 of 3e-5 / 1e-4 (72.3 / 66.9 %). Chosen so, GRPO adaptation no longer beats SFT
-# adaptation on the new domain (+0.75 [-2.79, +4.25] on adapt_test) and forgets 8.6 points less;
-# the SFT preset's 1.5e-3, used before, lost by 5-7 points and forgot 32 (docs/results.md,
-# fifteenth session).
+# adaptation on the new domain (+0.75 [-2.79, +4.25] on adapt_test) and forgets 8.6 points less.
+# At the SFT preset's 1.5e-3, used before, SFT adaptation ended 5-7.5 points higher on the new
+# domain than at 5e-4 and forgot 32 points in domain (docs/results.md, fifteenth session).
 ADAPT_SFT_LR = 5e-4
 ADAPT_GRPO_LR = 1e-4
 # The adaptation domain: crosstalk of unseen talkers over in-domain ones on a headset, as the

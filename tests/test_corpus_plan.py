@@ -145,9 +145,9 @@ def test_adapt_domain_changes_the_adaptation_sets_alone():
     # the adaptation sets' texts (a smaller corpus hides that).
     def plan(domain: str | None = None):
         kwargs = {} if domain is None else {"adapt_domain": domain}
-        return corpus_plan.plan_corpus(["en", "es"], utts=3000, seed=0, eval_utts=1000,
-                                 grpo_mix=corpus_plan.TrainMix.parse("noisy=0.2,overlap=0.1"),
-                                 test_utts=500, **kwargs)
+        return corpus_plan.plan_corpus(
+            ["en", "es"], utts=3000, seed=0, eval_utts=1000,
+            grpo_mix=corpus_plan.TrainMix.parse("noisy=0.2,overlap=0.1"), test_utts=500, **kwargs)
 
     telephone = plan()
     assert telephone == plan("telephone")

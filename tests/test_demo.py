@@ -9,7 +9,18 @@ import signal
 
 import pytest
 
-from speechrl.demo import ADAPT_SETS, EVAL_SETS, FINDINGS, DemoScale, run_demo, warmup
+from speechrl.config import load_run_config
+from speechrl.demo import (
+    ADAPT_SETS,
+    EVAL_SETS,
+    FINDINGS,
+    FULL,
+    QUICK,
+    DemoScale,
+    run_demo,
+    stage_overrides,
+    warmup,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
 
@@ -23,6 +34,17 @@ STAGES = (("LM pre-training (eq. 1)", "pretrain-lm", "lm", MICRO.lm_steps),
           ("sft", "sft", "sft", MICRO.sft_steps), ("grpo", "grpo", "grpo", MICRO.grpo_steps),
           ("adapt_sft", "sft", "adapt_sft", MICRO.adapt_steps),
           ("adapt_grpo", "grpo", "adapt_grpo", MICRO.adapt_steps))
+
+
+def test_adaptation_stages_run_at_their_dev_chosen_lrs_at_every_scale(tmp_path):
+    # The lrs chosen on the adaptation dev set (docs/results.md, fifteenth session), not the
+    # presets' (SFT 1.5e-3, GRPO 3e-5), for the full and the quick demo alike.
+    for scale in (FULL, QUICK):
+        overrides = stage_overrides(tmp_path, scale)
+        lrs = {name: load_run_config("tiny", overrides[name], stage=command).train.lr
+               for name, command in (("sft", "sft"), ("grpo", "grpo"), ("adapt_sft", "sft"),
+                                     ("adapt_grpo", "grpo"))}
+        assert lrs == {"sft": 1.5e-3, "grpo": 5e-5, "adapt_sft": 5e-4, "adapt_grpo": 1e-4}
 
 
 def test_warmup_is_the_presets_or_a_quarter_of_a_short_run():

@@ -37,8 +37,6 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 @needs_espeak
-
-
 def test_small_corpus_is_complete_readable_and_deterministic(tmp_path):
     manifests = synth.synthesize_corpus(tmp_path / "a", utts=2, seed=0, workers=2,
                                         progress=False)
@@ -81,13 +79,11 @@ def test_unknown_language_is_refused(tmp_path):
 
 
 @needs_espeak
-
-
 def test_train_mix_renders_its_conditions():
     engine = Espeak()
     speaker = Speaker("m3", 50, 170)
     base = UtterancePlan("train", "train-en-00000", "en", "the cat sat on the mat",
-                               speaker, "clean", (0, 0, 0, 0))
+                         speaker, "clean", (0, 0, 0, 0))
     clean, _, _ = render(base, engine)
     noisy, info, text = render(dataclasses.replace(base, condition="mix_noisy"), engine)
     assert text == base.text and info["noise"] in ("hum", "band") and 5 <= info["snr_db"] <= 20
@@ -104,13 +100,11 @@ def test_train_mix_renders_its_conditions():
 
 
 @needs_espeak
-
-
 def test_meeting_renders_crosstalk_in_a_room():
     engine = Espeak()
     base = UtterancePlan("adapt_test", "adapt_test-en-00000", "en",
-                               "the cat sat on the mat", Speaker("klatt4", 50, 170),
-                               "meeting", (0, 5, 0, 0))
+                         "the cat sat on the mat", Speaker("klatt4", 50, 170),
+                         "meeting", (0, 5, 0, 0))
     clean, _, _ = render(dataclasses.replace(base, condition="clean"), engine)
     wave, info, text = render(dataclasses.replace(
         base, interferer=("a second talker says this", Speaker("robosoft3", 40, 150))),
@@ -123,8 +117,6 @@ def test_meeting_renders_crosstalk_in_a_room():
 
 
 @needs_espeak
-
-
 def test_headset_renders_crosstalk_and_noise_without_a_room(monkeypatch):
     from speechrl import degrade
 
@@ -134,10 +126,9 @@ def test_headset_renders_crosstalk_and_noise_without_a_room(monkeypatch):
     monkeypatch.setattr(degrade.audio, "reverberate", no_room)
     engine = Espeak()
     base = UtterancePlan("adapt_test", "adapt_test-en-00000", "en",
-                               "the cat sat on the mat", Speaker("m3", 50, 170), "headset",
-                               (0, 5, 0, 0),
-                               interferer=("a second talker says this",
-                                           Speaker("robosoft3", 40, 150)))
+                         "the cat sat on the mat", Speaker("m3", 50, 170), "headset",
+                         (0, 5, 0, 0),
+                         interferer=("a second talker says this", Speaker("robosoft3", 40, 150)))
     clean, _, _ = render(dataclasses.replace(base, condition="clean"), engine)
     wave, info, text = render(base, engine)
     assert text == base.text and 0.0 <= info["interferer_db_below"] <= 6.0
