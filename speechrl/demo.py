@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from speechrl.config import load_run_config
+from speechrl.config import ConfigError, load_run_config
 from speechrl.report import Section
 from speechrl.report_changes import Finding
 from speechrl.runtime import say
@@ -166,6 +166,31 @@ def stage_result(command: str, output_dir: Path) -> Path:
     return best if best.exists() else output_dir / "last"
 
 
+def check_finished_stage(name: str, command: str, overrides: list[str],
+                         published: Path | None = None) -> None:
+    """A finished stage must have been trained with the settings ``overrides`` give now: a
+    demo of an older version in the same folder would otherwise skip it and report its old
+    model. If not, :class:`ConfigError` saying what to delete (the stage's folder, and
+    ``published``, the copy the demo took of it)."""
+    from speechrl.train.resume import (
+        RESUMABLE_SETTINGS,
+        listed,
+        recorded_settings,
+        settings_changes,
+    )
+
+    cfg = load_run_config("tiny", overrides, stage=command)
+    output_dir = Path(cfg.train.output_dir)
+    old = recorded_settings(output_dir, command)
+    if old is None or not stage_finished(output_dir, cfg.train.max_steps):
+        return
+    changed = [c for c in settings_changes(old, cfg) if c[0] not in RESUMABLE_SETTINGS]
+    if changed:
+        stale = " and ".join(str(p) for p in (output_dir, published) if p is not None)
+        raise ConfigError(f"{name} in {output_dir} finished with other settings than the demo's: "
+                          f"{listed(changed)}; delete {stale} to train it again")
+
+
 def run_stage(name: str, command: str, overrides: list[str]) -> Path:
     """Run one stage, or resume it from its ``last`` checkpoint; a finished one is skipped.
     Returns the folder the next stages take (:func:`stage_result`)."""
@@ -270,11 +295,16 @@ def run_demo(out: str | Path, quick: bool = False, scale: DemoScale | None = Non
                           eval_utts=scale.eval_utts, test_utts=scale.test_utts, seed=0,
                           grpo_mix=TrainMix.parse(GRPO_MIX), adapt_domain=ADAPT_DOMAIN)
     o = stage_overrides(out, scale, precision)
-    run_stage("LM pre-training (eq. 1)", "pretrain-lm", o["pretrain-lm"])
-    run_stage("encoder CTC pre-training", "pretrain-encoder", o["pretrain-encoder"])
-    for name, command in (("sft", "sft"), ("grpo", "grpo"), ("adapt_sft", "sft"),
-                          ("adapt_grpo", "grpo")):
-        publish(run_stage(name, command, o[name]), ckpt / name)
+    stages = (("LM pre-training (eq. 1)", "pretrain-lm", "pretrain-lm", None),
+              ("encoder CTC pre-training", "pretrain-encoder", "pretrain-encoder", None),
+              *((name, name, command, ckpt / name) for name, command in (
+                  ("sft", "sft"), ("grpo", "grpo"), ("adapt_sft", "sft"), ("adapt_grpo", "grpo"))))
+    for name, key, command, published in stages:  # all of them, before any work
+        check_finished_stage(name, command, o[key], published)
+    for name, key, command, published in stages:
+        result = run_stage(name, command, o[key])
+        if published is not None:
+            publish(result, published)
     return demo_evaluation(out, checkpoints={n: ckpt / n for n in
                                               ("sft", "grpo", "adapt_sft", "adapt_grpo")},
                            sets={s: out / "data" / f"{s}.jsonl" for s in EVAL_SETS},

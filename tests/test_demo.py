@@ -186,3 +186,20 @@ def test_demo_stopped_in_every_stage_resumes_each_then_a_restart_only_rewrites_t
     assert err.count("already done") == 6, err
     assert {n: (out / "checkpoints" / n / "model.safetensors").stat().st_mtime_ns
             for n in CHECKPOINTS} == weights
+
+    # An older demo's finished stage in the same folder (here adapt_sft at the SFT preset's lr):
+    # one line naming the change and what to delete, before any work; nothing is touched.
+    from speechrl.config import ConfigError
+
+    monkeypatch.setattr("speechrl.demo.ADAPT_SFT_LR", 1.5e-3)
+    report_time = report.stat().st_mtime_ns
+    with pytest.raises(ConfigError) as changed:
+        run_demo(out, scale=MICRO)
+    assert str(changed.value) == (
+        f"adapt_sft in {out / 'adapt_sft'} finished with other settings than the demo's: "
+        f"train.lr 0.0005 -> 0.0015; delete {out / 'adapt_sft'} and "
+        f"{out / 'checkpoints' / 'adapt_sft'} to train it again")
+    assert "already done" not in capsys.readouterr().err  # said before any stage ran
+    assert report.stat().st_mtime_ns == report_time
+    assert {n: (out / "checkpoints" / n / "model.safetensors").stat().st_mtime_ns
+            for n in CHECKPOINTS} == weights

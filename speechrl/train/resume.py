@@ -103,6 +103,27 @@ RESUMABLE_SETTINGS = frozenset({
 })
 
 
+def recorded_settings(output_dir: Path, stage: str) -> dict[str, Any] | None:
+    """The settings a run recorded in ``output_dir/<stage>_config.json``, flattened and read
+    with today's key names (:data:`~speechrl.configio.RENAMED_KEYS`); None when unreadable."""
+    try:
+        return flatten(renamed_keys(json.loads((output_dir / f"{stage}_config.json").read_text())))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def settings_changes(old: dict[str, Any], cfg: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(key, recorded value, value in ``cfg``) for each setting of ``old`` that ``cfg``
+    changes."""
+    new = flatten(to_dict(cfg))
+    return [(key, old[key], new[key]) for key in new if key in old and old[key] != new[key]]
+
+
+def listed(items: list[tuple[str, Any, Any]]) -> str:
+    """``key old -> new, ...`` for :func:`settings_changes`' items."""
+    return ", ".join(f"{key} {before!r} -> {after!r}" for key, before, after in items)
+
+
 def check_resumed_settings(cfg: RunConfig, stage: str, output_dir: Path) -> None:
     """Compare ``cfg`` with the settings recorded (``<stage>_config.json``) by the run whose
     ``output_dir/last`` this one resumes. Changes of :data:`RESUMABLE_SETTINGS`, and of
@@ -110,20 +131,13 @@ def check_resumed_settings(cfg: RunConfig, stage: str, output_dir: Path) -> None
     them); any other change raises :class:`~speechrl.config.ConfigError` naming each key, old
     and new. A record written before options moved is read with their new names
     (:data:`~speechrl.configio.RENAMED_KEYS`). A run with no readable record resumes as before."""
-    record = output_dir / f"{stage}_config.json"
-    try:
-        old = flatten(renamed_keys(json.loads(record.read_text())))
-    except (OSError, ValueError, AttributeError):
+    old = recorded_settings(output_dir, stage)
+    if old is None:
         return
-    new = flatten(to_dict(cfg))
-    changes = [(key, old[key], new[key]) for key in new if key in old and old[key] != new[key]]
-    constant = old.get("train.schedule") == new["train.schedule"] == "constant"
+    changes = settings_changes(old, cfg)
+    constant = old.get("train.schedule") == cfg.train.schedule == "constant"
     refused = [c for c in changes if c[0] not in RESUMABLE_SETTINGS
                and not (c[0] == "train.lr" and constant)]
-
-    def listed(items: list[tuple[str, Any, Any]]) -> str:
-        return ", ".join(f"{key} {before!r} -> {after!r}" for key, before, after in items)
-
     if refused:
         raise ConfigError(
             f"{output_dir / 'last'} was trained with other settings: {listed(refused)}; these "
