@@ -12,7 +12,6 @@ resumes an interrupted one from its ``last`` checkpoint (:func:`stage_finished`)
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -186,10 +185,10 @@ def check_finished_stage(name: str, command: str, overrides: list[str],
     old = recorded_settings(output_dir, command)
     if old is None or not stage_finished(output_dir, cfg.train.max_steps):
         return
-    if command == "grpo":  # as train_grpo records it: the algorithm's switches filled in
-        from speechrl.train.grpo import resolve_algorithm
+    if command == "grpo":
+        from speechrl.train.grpo import recorded_config
 
-        cfg = dataclasses.replace(cfg, grpo=resolve_algorithm(cfg.grpo))
+        cfg = recorded_config(cfg)
     changed = [c for c in settings_changes(old, cfg) if c[0] not in RESUMABLE_SETTINGS]
     if changed:
         stale = " and ".join(str(p) for p in (output_dir, published) if p is not None)

@@ -116,10 +116,16 @@ class StepSettings:
                    cfg.train.grad_clip)
 
 
+def recorded_config(cfg: RunConfig) -> RunConfig:
+    """``cfg`` as a GRPO run trains with it and records it (``grpo_config.json``): the
+    algorithm's switches filled in (:func:`resolve_algorithm`)."""
+    return dataclasses.replace(cfg, grpo=resolve_algorithm(cfg.grpo))
+
+
 def train_grpo(cfg: RunConfig) -> Path:
     check_stage(cfg, "grpo")  # before anything is loaded or written
-    grpo = resolve_algorithm(cfg.grpo)
-    cfg = dataclasses.replace(cfg, grpo=grpo)
+    cfg = recorded_config(cfg)
+    grpo = cfg.grpo
     run = start_run(cfg, "grpo")
     plain = load_or_build_model(cfg, run.device)
     sharded = run.world.is_distributed and cfg.train.parallel == "fsdp2"
